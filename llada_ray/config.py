@@ -1,0 +1,303 @@
+"""The pipeline configuration: one validated `PipelineConfig` describes a whole run.
+
+Everything a run depends on (model, data, the stage list with every phase's block size, token
+budget and learning rate, λ, β, storage, tracking, scaling) is data in YAML, validated here once,
+before anything is submitted. Errors name the field path, e.g. `stages.2.phases.1.block_size`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from llada_ray.diffusion.schedule import plan_phases
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Rate = Annotated[float, Field(gt=0, le=1)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- model and tokenizer ---------------------------------------------------------------------
+
+
+class TinyModelConfig(Strict):
+    """Architecture of the embedded tiny model (built from scratch, no download)."""
+
+    family: Literal["llama", "qwen2", "qwen3"] = "qwen3"
+    hidden_size: PositiveInt = 128
+    num_layers: PositiveInt = 4
+    num_heads: PositiveInt = 4
+    num_kv_heads: PositiveInt = 2
+    intermediate_size: PositiveInt = 384
+    max_position_embeddings: PositiveInt = 4096
+    rope_theta: PositiveFloat = 10000.0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                "num_heads must divide hidden_size and num_kv_heads must divide num_heads"
+            )
+        return self
+
+
+class ModelConfig(Strict):
+    source: str = Field("tiny", description='"tiny", a Hugging Face model id, or a local directory')
+    tiny: TinyModelConfig = TinyModelConfig()
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attention: Literal["auto", "block_sparse", "dense", "flex", "eager"] = Field(
+        "auto", description="auto: flex on CUDA, block_sparse on CPU"
+    )
+    attention_tile: PositiveInt = Field(128, description="query/key tile of block_sparse and flex")
+    mask_token: str = Field("<|mask|>", description="added to the tokenizer if it has none")
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.source == "tiny"
+
+
+class TokenizerConfig(Strict):
+    source: str = Field(
+        "model",
+        description='"model" (the model\'s own), "train" (byte-level BPE on the corpus), '
+        "a Hugging Face id or a directory",
+    )
+    vocab_size: PositiveInt = Field(2048, description="for source: train")
+    train_chars: PositiveInt = Field(20_000_000, description="corpus characters to train on")
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+class FileSource(Strict):
+    type: Literal["files"] = "files"
+    path: str = Field(description="local path, directory or glob; or s3://bucket/prefix")
+    format: Literal["text", "jsonl", "parquet"] = "text"
+    field: str = Field("text", description="column / JSON field holding the document")
+    text_unit: Literal["file", "line"] = Field("file", description="for text: a document per …")
+
+
+class TaskSource(Strict):
+    """The built-in verifiable task family (generated, checkable answers)."""
+
+    type: Literal["task"] = "task"
+    examples: PositiveInt = 20_000
+    seed: int = 0
+
+
+DataSource = Annotated[FileSource | TaskSource, Field(discriminator="type")]
+
+
+class DataConfig(Strict):
+    seq_len: PositiveInt = 256
+    restart_positions: bool = Field(True, description="RoPE positions restart at each document")
+    pretrain: list[DataSource] = [TaskSource()]
+    sft: list[DataSource] = [TaskSource()]
+    dpo: list[DataSource] = [TaskSource()]
+    validation_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.02
+    bad_rows: Literal["skip", "fail"] = "skip"
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+
+class TrainingStage(Strict):
+    """Knobs every training stage shares."""
+
+    micro_batch_size: PositiveInt = 8
+    grad_accumulation: PositiveInt = 1
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    warmup_steps: Annotated[int, Field(ge=0)] = 10
+    grad_clip: PositiveFloat = 1.0
+    eval_every_steps: PositiveInt = 50
+    checkpoint_every_steps: PositiveInt = 50
+    keep_top_k: PositiveInt = 3
+
+
+class ArPretrainStage(TrainingStage):
+    """Causal-LM pre-training, so the tiny default has an AR model to convert."""
+
+    stage: Literal["ar_pretrain"] = "ar_pretrain"
+    tokens: PositiveInt
+    lr: PositiveFloat = 1e-3
+
+
+class CptPhase(Strict):
+    name: str
+    block_size: PositiveInt
+    tokens: PositiveInt
+    lr: PositiveFloat
+
+
+class EmbedNoise(Strict):
+    """Gaussian noise on masked-token embedding outputs early in CPT (report §7.1)."""
+
+    steps: Annotated[int, Field(ge=0)] = 100
+    std: PositiveFloat | Literal["embedding_rms"] = "embedding_rms"
+
+
+class CptStage(TrainingStage):
+    stage: Literal["cpt"] = "cpt"
+    phases: list[CptPhase]
+    embed_noise: EmbedNoise = EmbedNoise()
+    t_min: Rate = 1e-3
+    antithetic: bool = True
+    weighting: Literal["inv_t", "uniform"] = "inv_t"
+    shift_labels: bool = Field(False, description="keep the AR next-token shift (Dream-style)")
+
+
+class MergeStage(Strict):
+    stage: Literal["merge"] = "merge"
+    top_k: PositiveInt = 3
+
+
+class SftStage(TrainingStage):
+    stage: Literal["sft"] = "sft"
+    epochs: PositiveFloat = 1.0
+    lr: PositiveFloat = 1e-4
+    block_size: PositiveInt = 32
+    t_min: Rate = 0.3
+    t_max: Rate = 0.8
+    complementary: bool = True
+    weighting: Literal["inv_t", "uniform"] = "uniform"
+    normalization: Literal["maskable", "masked"] = "masked"
+    max_len: PositiveInt = 512
+
+    @model_validator(mode="after")
+    def _band(self) -> SftStage:
+        if self.t_min > self.t_max:
+            raise ValueError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
+        return self
+
+
+class CapStage(SftStage):
+    stage: Literal["cap"] = "cap"  # type: ignore[assignment]
+    cap_lambda: Annotated[float, Field(ge=0)] = 2.0
+
+
+class DpoStage(TrainingStage):
+    stage: Literal["dpo"] = "dpo"
+    epochs: PositiveFloat = 1.0
+    beta: PositiveFloat = 0.1
+    lr: PositiveFloat | None = Field(None, description="None: the previous stage's final rate")
+    block_size: PositiveInt = 32
+    elbo_samples: PositiveInt = 1
+    max_len: PositiveInt = 512
+
+
+Stage = Annotated[
+    ArPretrainStage | CptStage | MergeStage | SftStage | CapStage | DpoStage,
+    Field(discriminator="stage"),
+]
+STAGE_ORDER = ["ar_pretrain", "cpt", "merge", "sft", "cap", "dpo"]
+
+
+# --- where things go --------------------------------------------------------------------------
+
+
+class StorageConfig(Strict):
+    root: str = Field("runs", description="local directory, or s3://bucket/prefix")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, …)")
+    region: str = "us-east-1"
+
+    @property
+    def is_s3(self) -> bool:
+        return self.root.startswith("s3://")
+
+
+class TrackingConfig(Strict):
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI")
+    experiment: str = "llada-ray"
+
+
+class ScalingConfig(Strict):
+    num_workers: Annotated[int, Field(ge=0)] = 2
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
+    offload_optimizer: bool = False
+
+    @model_validator(mode="after")
+    def _zero_needs_deepspeed(self) -> ScalingConfig:
+        if self.strategy != "deepspeed" and (self.zero_stage or self.offload_optimizer):
+            raise ValueError("zero_stage and offload_optimizer apply to strategy: deepspeed only")
+        return self
+
+
+# --- the whole run ----------------------------------------------------------------------------
+
+
+class PipelineConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    data: DataConfig = DataConfig()
+    stages: list[Stage]
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    scaling: ScalingConfig = ScalingConfig()
+
+    @field_validator("stages")
+    @classmethod
+    def _stages_fit(cls, stages: list, info: ValidationInfo) -> list:
+        kinds = [s.stage for s in stages]
+        if not kinds:
+            raise ValueError("the pipeline has no stages")
+        order = [STAGE_ORDER.index(k) for k in kinds]
+        if order != sorted(order) or len(set(kinds)) != len(kinds):
+            raise ValueError(
+                f"stages {kinds} must appear at most once each, in the order {STAGE_ORDER}"
+            )
+        if "merge" in kinds and "cpt" not in kinds:
+            raise ValueError("stage merge averages CPT checkpoints: it needs a cpt stage")
+        data: DataConfig | None = info.data.get("data")
+        for i, stage in enumerate(stages):
+            if isinstance(stage, CptStage) and data is not None:
+                for j, phase in enumerate(stage.phases):
+                    if data.seq_len % phase.block_size:
+                        raise ValueError(
+                            f"stages.{i}.phases.{j}.block_size: {phase.block_size} does not divide "
+                            f"data.seq_len ({data.seq_len})"
+                        )
+                try:
+                    plan_phases(
+                        [(p.name, p.block_size, p.tokens, p.lr) for p in stage.phases], data.seq_len
+                    )
+                except ValueError as err:
+                    raise ValueError(f"stages.{i}.phases: {err}") from None
+        return stages
+
+    @model_validator(mode="after")
+    def _tokenizer_fits_model(self) -> PipelineConfig:
+        if self.model.is_tiny and self.tokenizer.source == "model":
+            raise ValueError(
+                "tokenizer.source: the tiny model has no tokenizer of its own; use train"
+            )
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate; the message names the problem."""
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return PipelineConfig.model_validate(raw)

@@ -1,0 +1,80 @@
+"""The forward (noising) process of masked diffusion: mask rates, masking, complementary pairs.
+
+The schedule is linear: each maskable token becomes the mask token independently with
+probability t (keep probability alpha_t = 1 - t). t is drawn per sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def sample_mask_rates(
+    batch_size: int,
+    *,
+    t_min: float = 1e-3,
+    t_max: float = 1.0,
+    antithetic: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """t in [t_min, t_max] per sequence, shape [batch_size].
+
+    Pre-training uses t_min = eps = 1e-3, t_max = 1 (LLaDA); post-training a bandwidth such as
+    [0.3, 0.8] (dFactory). `antithetic` stratifies u over the batch, u_i = (i + u0) / n, so the
+    batch covers [0, 1) evenly; this lowers the variance of the ELBO estimate (MDLM, BD3-LM).
+    """
+    if not 0.0 < t_min <= t_max <= 1.0:
+        raise ValueError(f"need 0 < t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
+    if antithetic:
+        u0 = torch.rand((), generator=generator, device=device)
+        u = (torch.arange(batch_size, device=device) + u0) / batch_size
+        u = u[torch.randperm(batch_size, generator=generator, device=device)]
+    else:
+        u = torch.rand(batch_size, generator=generator, device=device)
+    return t_min + (t_max - t_min) * u
+
+
+@dataclass(frozen=True)
+class Noised:
+    """A noised batch: xt (input), the masked positions, and the rate t of each row."""
+
+    xt: torch.Tensor
+    masked: torch.Tensor
+    t: torch.Tensor
+
+
+def forward_mask(
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    maskable: torch.Tensor,
+    mask_id: int,
+    generator: torch.Generator | None = None,
+) -> Noised:
+    """Mask each maskable token of x0 [batch, L] independently with probability t [batch]."""
+    draw = torch.rand(x0.shape, generator=generator, device=x0.device)
+    masked = (draw < t[:, None]) & maskable
+    return Noised(torch.where(masked, mask_id, x0), masked, t)
+
+
+def complementary_pairs(
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    maskable: torch.Tensor,
+    mask_id: int,
+    generator: torch.Generator | None = None,
+) -> Noised:
+    """From each row make two rows: masked at rate t, and its complement over maskable tokens.
+
+    Output rows are [row_0, complement_0, row_1, complement_1, ...] so both halves of a pair
+    always land in the same micro-batch; every maskable token is masked in exactly one of them.
+    The complement's rate is 1 - t.
+    """
+    first = forward_mask(x0, t, maskable, mask_id, generator)
+    second_masked = maskable & ~first.masked
+    pairs_masked = torch.stack([first.masked, second_masked], 1).flatten(0, 1)
+    x0_pairs = x0.repeat_interleave(2, 0)
+    t_pairs = torch.stack([t, 1.0 - t], 1).flatten()
+    return Noised(torch.where(pairs_masked, mask_id, x0_pairs), pairs_masked, t_pairs)

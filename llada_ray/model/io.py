@@ -1,0 +1,47 @@
+"""Save and load diffusion models as Hugging Face directories (safetensors + tokenizer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from llada_ray.model.adapter import ensure_mask_token
+
+
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path
+) -> None:
+    """Weights as safetensors shards, config (with mask_token_id) and tokenizer, in HF layout."""
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
+def load_model(
+    source: str | Path,
+    *,
+    mask_token: str = "<|mask|>",
+    trust_remote_code: bool = False,
+    dtype: str = "float32",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer from a local directory or a hub id, ready for DiffusionLM.
+
+    Weights load from safetensors only (`use_safetensors=True`: no pickle of untrusted files).
+    A model without a mask token gets one (see `ensure_mask_token`).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        source,
+        dtype=getattr(torch, dtype),
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        attn_implementation="sdpa",
+    )
+    ensure_mask_token(model, tokenizer, mask_token)
+    return model, tokenizer

@@ -1,0 +1,72 @@
+"""Config: the shipped configs validate; bad configs fail naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from llada_ray.config import ConfigError, PipelineConfig, load_config
+from llada_ray.diffusion.schedule import plan_phases
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path) -> None:
+    load_config(path)
+
+
+def tiny() -> dict:
+    return yaml.safe_load((Path(__file__).parent.parent / "configs" / "tiny.yaml").read_text())
+
+
+def cpt_index(raw: dict) -> int:
+    return next(i for i, s in enumerate(raw["stages"]) if s["stage"] == "cpt")
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (
+            lambda r: r["stages"][cpt_index(r)]["phases"][1].update(block_size=24),
+            "stages.{cpt}.phases.1.block_size",
+        ),
+        (lambda r: r["stages"][cpt_index(r)]["phases"][0].update(lr=-1), "lr"),
+        (lambda r: r["scaling"].update(strategy="horovod"), "scaling.strategy"),
+        (lambda r: r["scaling"].update(zero_stage=2), "zero_stage"),
+        (lambda r: r["data"].update(seq_len="long"), "data.seq_len"),
+        (lambda r: r["model"].update(attention_kernel="x"), "model.attention_kernel"),
+        (lambda r: r["stages"].reverse(), "must appear at most once each, in the order"),
+        (lambda r: r["stages"][-1].update(beta=0), "beta"),
+    ],
+)
+def test_bad_config_names_the_field(edit, field: str) -> None:
+    raw = tiny()
+    field = field.format(cpt=cpt_index(raw))
+    edit(raw)
+    with pytest.raises(ValidationError) as err:
+        PipelineConfig.model_validate(raw)
+    assert field in str(err.value)
+
+
+def test_unreadable_config_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_wsd_schedule_labels_and_refuses() -> None:
+    phases = plan_phases(
+        [("w1", 1, 10, 1e-4), ("w2", 4, 10, 1e-4), ("s", 64, 10, 1e-4), ("d", 32, 10, 1e-4)], 64
+    )
+    assert [p.kind for p in phases] == ["warmup", "warmup", "stable", "decay"]
+    with pytest.raises(ValueError, match="must rise"):
+        plan_phases([("a", 4, 1, 1e-4), ("b", 1, 1, 1e-4), ("c", 8, 1, 1e-4)], 64)
+    with pytest.raises(ValueError, match="does not divide"):
+        plan_phases([("a", 48, 1, 1e-4)], 64)
