@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from transformers import PreTrainedTokenizerFast
 
 from llada_ray.model import train_tokenizer
+from tests import stack
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +20,33 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [p.read_text() for p in sorted(stdlib.glob("*.py"))[:30]]
     return train_tokenizer(texts, vocab_size=512)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Every Ray process, CLI call and S3 client the tests start inherits these.
+    os.environ.update(stack.RAY_ENV | stack.S3_ENV)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[stack.RayHead]:
+    """A Ray head on loopback; the test process is connected to it as a driver."""
+    import ray
+
+    with stack.ray_head() as head:
+        ray.init(address=head.address, log_to_driver=False)
+        try:
+            yield head
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[stack.S3Server]:
+    with stack.s3_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_tracking() -> Iterator[stack.MlflowServer]:
+    with stack.mlflow_server() as server:
+        yield server

@@ -19,6 +19,7 @@ from llada_ray.model import (
     load_model,
     save_model,
 )
+from llada_ray.model.adapter import block_diffusion_inputs, causal_inputs, stable_inputs
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
 
@@ -44,7 +45,7 @@ def test_causal_mode_reproduces_hf_logits(tiny_tokenizer, family: str) -> None:
     ids = torch.randint(0, len(tiny_tokenizer), (2, 48))
     docs = torch.zeros_like(ids)
     with torch.no_grad():
-        ours = dlm.causal_logits(ids, docs, position_ids_for(docs, True))
+        ours = dlm(**causal_inputs(ids, docs, position_ids_for(docs, True)))
         theirs = hf(input_ids=ids).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
@@ -55,7 +56,7 @@ def test_packed_documents_equal_separate_runs(tiny_tokenizer, family: str) -> No
     ids = torch.randint(0, len(tiny_tokenizer), (1, 40))
     docs = torch.tensor([[0] * 13 + [1] * 20 + [2] * 7])
     with torch.no_grad():
-        ours = dlm.causal_logits(ids, docs, position_ids_for(docs, True))
+        ours = dlm(**causal_inputs(ids, docs, position_ids_for(docs, True)))
         for lo, hi in [(0, 13), (13, 33), (33, 40)]:
             theirs = hf(input_ids=ids[:, lo:hi]).logits
             torch.testing.assert_close(ours[:, lo:hi], theirs, atol=1e-5, rtol=1e-5)
@@ -75,7 +76,7 @@ def test_bd_block_logits_equal_recomputation_from_clean_prefix(
     docs = torch.zeros_like(x0)
     positions = position_ids_for(docs, False)
     with torch.no_grad():
-        ours = dlm.block_diffusion_logits(xt, x0, docs, positions, block)
+        ours = dlm(**block_diffusion_inputs(xt, x0, docs, positions, block))
         for k in range(n // block):
             lo, hi = k * block, (k + 1) * block
             ids = torch.cat([x0[:, :lo], xt[:, lo:hi]], 1)
@@ -91,7 +92,7 @@ def test_stable_mode_is_bidirectional_per_document(tiny_tokenizer) -> None:
     ids = torch.randint(0, len(tiny_tokenizer), (1, 24))
     docs = torch.tensor([[0] * 10 + [1] * 14])
     with torch.no_grad():
-        ours = dlm.stable_logits(ids, docs, position_ids_for(docs, True))
+        ours = dlm(**stable_inputs(ids, docs, position_ids_for(docs, True)))
         for lo, hi in [(0, 10), (10, 24)]:
             full = torch.ones(hi - lo, hi - lo, dtype=torch.bool)
             theirs = hf_logits_with_mask(hf, ids[:, lo:hi], torch.arange(hi - lo)[None], full)
@@ -105,11 +106,13 @@ def test_embedding_noise_touches_only_mask_positions(tiny_tokenizer) -> None:
     pos = position_ids_for(docs, True)
     sigma = embedding_rms(dlm.hf)
     with torch.no_grad():
-        clean = dlm.stable_logits(ids, docs, pos)
-        torch.testing.assert_close(dlm.stable_logits(ids, docs, pos, embed_noise_std=sigma), clean)
+        clean = dlm(**stable_inputs(ids, docs, pos))
+        torch.testing.assert_close(
+            dlm(**stable_inputs(ids, docs, pos), embed_noise_std=sigma), clean
+        )
         ids[0, 5] = dlm.mask_token_id
-        base = dlm.stable_logits(ids, docs, pos)
-        noisy = dlm.stable_logits(ids, docs, pos, embed_noise_std=sigma)
+        base = dlm(**stable_inputs(ids, docs, pos))
+        noisy = dlm(**stable_inputs(ids, docs, pos), embed_noise_std=sigma)
     assert not torch.allclose(noisy, base)
 
 
@@ -157,6 +160,6 @@ def test_save_load_round_trip(tmp_path: Path, tiny_tokenizer) -> None:
     pos = position_ids_for(docs, True)
     with torch.no_grad():
         torch.testing.assert_close(
-            again.stable_logits(ids, docs, pos), dlm.stable_logits(ids, docs, pos)
+            again(**stable_inputs(ids, docs, pos)), dlm(**stable_inputs(ids, docs, pos))
         )
     assert tokenizer.apply_chat_template([{"role": "user", "content": "2+2"}], tokenize=False)

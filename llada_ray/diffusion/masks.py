@@ -196,7 +196,7 @@ class TiledPlan:
     n_keys: int
     query_slices: list[slice]
     key_index: list[torch.Tensor | None]  # None: all keys
-    sub_masks: list[torch.Tensor]
+    sub_masks: list[torch.Tensor | None]  # None: every gathered key allowed
 
     @staticmethod
     def build(dense: torch.Tensor, tile_size: int) -> TiledPlan:
@@ -218,7 +218,8 @@ class TiledPlan:
                 sub = dense[:, :, rows].index_select(-1, keys)
             query_slices.append(rows)
             key_index.append(keys)
-            sub_masks.append(sub)
+            # An all-True sub-mask is no mask: SDPA then takes its unmasked (flash) kernel.
+            sub_masks.append(None if sub.all() else sub)
         return TiledPlan(tile_size, n_k, query_slices, key_index, sub_masks)
 
     def attend(
@@ -238,6 +239,9 @@ class TiledPlan:
 
     def density(self) -> float:
         """Share of the dense q×k work the plan computes (1.0 = no saving)."""
-        done = sum(m.shape[-2] * m.shape[-1] for m in self.sub_masks)
+        done = sum(
+            (rows.stop - rows.start) * (self.n_keys if keys is None else len(keys))
+            for rows, keys in zip(self.query_slices, self.key_index, strict=True)
+        )
         n_q = self.query_slices[-1].stop
         return done / (n_q * self.n_keys)

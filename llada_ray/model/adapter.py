@@ -90,37 +90,32 @@ class DiffusionLM(nn.Module):
             hidden = hidden[:, :logits_for]
         return self.hf.get_output_embeddings()(hidden)
 
-    def block_diffusion_logits(
-        self,
-        xt: torch.Tensor,
-        x0: torch.Tensor,
-        doc_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        block_size: int,
-        embed_noise_std: float = 0.0,
-    ) -> torch.Tensor:
-        """BD training: input [xt ; x0] (2L), both halves at the same positions; logits of xt."""
-        layout = block_diffusion_layout(doc_ids, block_size)
-        return self(
-            torch.cat([xt, x0], 1),
-            layout,
-            torch.cat([position_ids, position_ids], 1),
-            logits_for=xt.shape[1],
-            embed_noise_std=embed_noise_std,
-        )
 
-    def stable_logits(
-        self,
-        xt: torch.Tensor,
-        doc_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        embed_noise_std: float = 0.0,
-    ) -> torch.Tensor:
-        """The stable phase (block = L): xt alone, bidirectional within each document."""
-        return self(xt, stable_layout(doc_ids), position_ids, embed_noise_std=embed_noise_std)
+# Inputs for DiffusionLM.forward, one per mode. They build keyword arguments rather than calling
+# the model so that a wrapped model (DDP, FSDP, DeepSpeed) is still called through its forward.
 
-    def causal_logits(
-        self, x: torch.Tensor, doc_ids: torch.Tensor, position_ids: torch.Tensor
-    ) -> torch.Tensor:
-        """Autoregressive forward (AR pre-training, the AR baseline), per document."""
-        return self(x, causal_layout(doc_ids), position_ids)
+
+def block_diffusion_inputs(
+    xt: torch.Tensor,
+    x0: torch.Tensor,
+    doc_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    block_size: int,
+) -> dict:
+    """BD training: input [xt ; x0] (2L), both halves at the same positions; logits of xt only."""
+    return {
+        "input_ids": torch.cat([xt, x0], 1),
+        "layout": block_diffusion_layout(doc_ids, block_size),
+        "position_ids": torch.cat([position_ids, position_ids], 1),
+        "logits_for": xt.shape[1],
+    }
+
+
+def stable_inputs(xt: torch.Tensor, doc_ids: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """The stable phase (block = L): xt alone, bidirectional within each document."""
+    return {"input_ids": xt, "layout": stable_layout(doc_ids), "position_ids": position_ids}
+
+
+def causal_inputs(x: torch.Tensor, doc_ids: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """Autoregressive forward (AR pre-training, the AR baseline), confined to each document."""
+    return {"input_ids": x, "layout": causal_layout(doc_ids), "position_ids": position_ids}

@@ -1,0 +1,31 @@
+# The README's commands. `make test` installs first when needed (a fresh clone needs nothing else).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test lint bench clean
+
+setup: $(STAMP)
+
+# torch is pinned on every pip call (constraints.txt): unpinned, deepspeed would pull a CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -c constraints.txt -e '.[dev]'
+	$(BIN)/python tools/warm_deepspeed.py
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python bench/attention.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
