@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from botocore.client import BaseClient
+
 BIN = Path(sys.executable).parent
 
 # Every Ray process and CLI call of the tests shares these (ENVIRONMENT.md).
@@ -62,7 +64,10 @@ def process_group(cmd: list[str], log: Path, env: dict[str, str]) -> Iterator[su
     """
     with log.open("w") as out:
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env},
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
             start_new_session=True,
         )
     try:
@@ -133,14 +138,16 @@ class S3Server:
     endpoint_url: str
     bucket: str
 
-    def client(self):  # noqa: ANN201 - boto3 client types are generated at runtime
+    def client(self) -> BaseClient:
         import boto3
 
         return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1")
 
     def keys(self, prefix: str = "") -> list[str]:
-        pages = self.client().get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=prefix
+        pages = (
+            self.client()
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=self.bucket, Prefix=prefix)
         )
         return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 

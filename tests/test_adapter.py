@@ -71,7 +71,7 @@ def test_bd_block_logits_equal_recomputation_from_clean_prefix(
     hf, dlm = tiny_pair(tiny_tokenizer, family, attention)
     block, n = 8, 32
     gen = torch.Generator().manual_seed(0)
-    x0 = torch.randint(0, len(tiny_tokenizer) - 5, (1, n), generator=gen)
+    x0 = torch.randint(5, len(tiny_tokenizer), (1, n), generator=gen)
     xt = torch.where(torch.rand(1, n, generator=gen) < 0.5, dlm.mask_token_id, x0)
     docs = torch.zeros_like(x0)
     positions = position_ids_for(docs, False)
@@ -101,7 +101,7 @@ def test_stable_mode_is_bidirectional_per_document(tiny_tokenizer) -> None:
 
 def test_embedding_noise_touches_only_mask_positions(tiny_tokenizer) -> None:
     _, dlm = tiny_pair(tiny_tokenizer, "qwen3")
-    ids = torch.randint(0, len(tiny_tokenizer) - 5, (1, 16))
+    ids = torch.randint(5, len(tiny_tokenizer), (1, 16))
     docs = torch.zeros_like(ids)
     pos = position_ids_for(docs, True)
     sigma = embedding_rms(dlm.hf)

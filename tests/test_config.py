@@ -70,3 +70,17 @@ def test_wsd_schedule_labels_and_refuses() -> None:
         plan_phases([("a", 4, 1, 1e-4), ("b", 1, 1, 1e-4), ("c", 8, 1, 1e-4)], 64)
     with pytest.raises(ValueError, match="does not divide"):
         plan_phases([("a", 48, 1, 1e-4)], 64)
+
+
+def test_cli_validate_prints_plan_or_names_the_problem(tmp_path: Path, capsys) -> None:
+    from llada_ray.cli import main
+
+    assert main(["validate", str(Path(__file__).parent.parent / "configs" / "tiny.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "stable" in out and "decay" in out
+    raw = tiny()
+    raw["data"]["seq_len"] = 100
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(bad)]) == 2
+    assert "does not divide data.seq_len (100)" in capsys.readouterr().err

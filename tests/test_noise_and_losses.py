@@ -14,7 +14,12 @@ from llada_ray.diffusion.losses import (
     masked_token_nll,
     sequence_elbo,
 )
-from llada_ray.diffusion.noise import complementary_pairs, forward_mask, sample_mask_rates
+from llada_ray.diffusion.noise import (
+    complementary_pairs,
+    embedding_noise_std,
+    forward_mask,
+    sample_mask_rates,
+)
 
 MASK = 99
 
@@ -115,3 +120,9 @@ def test_dpo_elbo_loss_is_log2_when_policy_equals_reference() -> None:
     assert better.loss.item() < math.log(2)
     assert better.accuracy.item() == 1.0
     assert better.reward_margin.item() == pytest.approx(0.2)
+
+
+def test_embedding_noise_decays_linearly_to_zero() -> None:
+    assert embedding_noise_std(0, 100, 0.5) == 0.5
+    assert embedding_noise_std(50, 100, 0.5) == pytest.approx(0.25)
+    assert embedding_noise_std(100, 100, 0.5) == embedding_noise_std(7, 0, 0.5) == 0.0

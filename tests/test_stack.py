@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import ray.cloudpickle
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +58,9 @@ def train_loop(config: dict) -> None:
         if run_id is None:
             mlflow.set_experiment("stack-test")
             run_id = mlflow.start_run(run_name="bd-stack").info.run_id
-            mlflow.log_params({"block_size": BLOCK, "seq_len": SEQ_LEN, "workers": ctx.get_world_size()})
+            mlflow.log_params(
+                {"block_size": BLOCK, "seq_len": SEQ_LEN, "workers": ctx.get_world_size()}
+            )
         else:
             mlflow.start_run(run_id=run_id)  # a restarted attempt continues the same run
 
@@ -91,7 +94,7 @@ def test_train_checkpoint_resume_on_s3_with_mlflow(
     ray_cluster, s3, mlflow_tracking, tiny_tokenizer, tmp_path: Path
 ) -> None:
     from mlflow.tracking import MlflowClient
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, Result, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from llada_ray.config import StorageConfig
@@ -102,7 +105,7 @@ def test_train_checkpoint_resume_on_s3_with_mlflow(
         StorageConfig(root=f"s3://{s3.bucket}/runs", endpoint_url=s3.endpoint_url)
     )
 
-    def fit(steps: int):  # noqa: ANN202
+    def fit(steps: int) -> Result:
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={
@@ -144,8 +147,5 @@ def test_train_checkpoint_resume_on_s3_with_mlflow(
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]  # resumed, no step logged twice
 
 
-# Workers import this module's train_loop by value: tests/ is not on their path.
-if __name__ in sys.modules:
-    import ray.cloudpickle
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+# Workers get train_loop by value: tests/ is not on their import path.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -1,4 +1,4 @@
-"""Build DeepSpeed's JIT C++ ops once (cached in $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions).
+"""Build DeepSpeed's JIT C++ ops once (cached in $TORCH_EXTENSIONS_DIR, else ~/.cache).
 
 On CPU the first ZeRO engine compiles its communication/optimizer ops (~30 s) and CPU-offloaded
 Adam another (~45 s). Doing it at install time keeps that cost out of the first training run.
@@ -15,8 +15,9 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
     import deepspeed
     import torch
     from deepspeed.ops.op_builder import CPUAdamBuilder

@@ -183,56 +183,60 @@ def position_ids_for(doc_ids: torch.Tensor, restart_per_document: bool) -> torch
 
 
 @dataclass(frozen=True)
+class Tile:
+    """One query tile of a TiledPlan: its rows, the key ranges it reaches, and its mask there."""
+
+    rows: slice
+    key_ranges: list[tuple[int, int]]  # [start, stop) runs of reachable keys, in order
+    mask: torch.Tensor | None  # [batch, 1, rows, keys]; None when every gathered key is allowed
+
+
+@dataclass(frozen=True)
 class TiledPlan:
     """Block-sparse execution of a dense mask with fused SDPA calls.
 
-    Queries are cut into tiles of `tile_size`; tile i attends to `key_index[i]` (the union over
-    the batch of key tiles holding any allowed key) under `sub_masks[i]` (the dense mask's own
-    entries for those keys). Tiles that reach every key use a slice-free path. Exact by
-    construction: every allowed (q, k) pair is inside the gathered keys and masked as in `dense`.
+    Queries are cut into tiles of `tile_size`; each attends to the key tiles holding any key
+    the mask allows to any of its queries (over the whole batch), under the dense mask's own
+    entries for those keys. Exact by construction: every allowed (q, k) pair is among the
+    gathered keys, masked exactly as in `dense`. A contiguous run of keys is a view, not a copy;
+    an all-True sub-mask is dropped so SDPA takes its unmasked kernel.
     """
 
-    tile_size: int
     n_keys: int
-    query_slices: list[slice]
-    key_index: list[torch.Tensor | None]  # None: all keys
-    sub_masks: list[torch.Tensor | None]  # None: every gathered key allowed
+    tiles: list[Tile]
 
     @staticmethod
     def build(dense: torch.Tensor, tile_size: int) -> TiledPlan:
         n_q, n_k = dense.shape[-2:]
         n_key_tiles = -(-n_k // tile_size)
         padded = torch.nn.functional.pad(dense[:, 0], (0, n_key_tiles * tile_size - n_k))
-        query_slices, key_index, sub_masks = [], [], []
+        tiles = []
         for start in range(0, n_q, tile_size):
             rows = slice(start, min(start + tile_size, n_q))
             reach = padded[:, rows].reshape(dense.shape[0], -1, n_key_tiles, tile_size)
-            tiles = reach.any(dim=(0, 1, 3)).nonzero().flatten()
-            if len(tiles) == n_key_tiles:
-                keys = None
-                sub = dense[:, :, rows]
-            else:
-                keys = tiles[:, None] * tile_size + torch.arange(tile_size, device=dense.device)
-                keys = keys.flatten()
-                keys = keys[keys < n_k]
-                sub = dense[:, :, rows].index_select(-1, keys)
-            query_slices.append(rows)
-            key_index.append(keys)
-            # An all-True sub-mask is no mask: SDPA then takes its unmasked (flash) kernel.
-            sub_masks.append(None if sub.all() else sub)
-        return TiledPlan(tile_size, n_k, query_slices, key_index, sub_masks)
+            reached = reach.any(dim=(0, 1, 3)).nonzero().flatten().tolist()
+            ranges: list[tuple[int, int]] = []
+            for key_tile in reached:
+                lo, hi = key_tile * tile_size, min((key_tile + 1) * tile_size, n_k)
+                if ranges and ranges[-1][1] == lo:
+                    ranges[-1] = (ranges[-1][0], hi)
+                else:
+                    ranges.append((lo, hi))
+            keys = torch.cat([torch.arange(lo, hi, device=dense.device) for lo, hi in ranges])
+            mask = dense[:, :, rows].index_select(-1, keys)
+            tiles.append(Tile(rows, ranges, None if mask.all() else mask))
+        return TiledPlan(n_k, tiles)
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
     ) -> torch.Tensor:
         """q [batch, heads, n_q, d], k/v [batch, heads, n_k, d] (heads already matched)."""
         outs = []
-        for rows, keys, sub in zip(self.query_slices, self.key_index, self.sub_masks, strict=True):
-            kt = k if keys is None else k.index_select(2, keys)
-            vt = v if keys is None else v.index_select(2, keys)
+        for tile in self.tiles:
+            kt, vt = _gather(k, tile.key_ranges), _gather(v, tile.key_ranges)
             outs.append(
                 torch.nn.functional.scaled_dot_product_attention(
-                    q[:, :, rows], kt, vt, attn_mask=sub, scale=scale
+                    q[:, :, tile.rows], kt, vt, attn_mask=tile.mask, scale=scale
                 )
             )
         return torch.cat(outs, dim=2)
@@ -240,8 +244,13 @@ class TiledPlan:
     def density(self) -> float:
         """Share of the dense q×k work the plan computes (1.0 = no saving)."""
         done = sum(
-            (rows.stop - rows.start) * (self.n_keys if keys is None else len(keys))
-            for rows, keys in zip(self.query_slices, self.key_index, strict=True)
+            (t.rows.stop - t.rows.start) * sum(hi - lo for lo, hi in t.key_ranges)
+            for t in self.tiles
         )
-        n_q = self.query_slices[-1].stop
-        return done / (n_q * self.n_keys)
+        return done / (self.tiles[-1].rows.stop * self.n_keys)
+
+
+def _gather(x: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    if len(ranges) == 1:
+        return x[:, :, ranges[0][0] : ranges[0][1]]
+    return torch.cat([x[:, :, lo:hi] for lo, hi in ranges], dim=2)

@@ -78,3 +78,14 @@ def complementary_pairs(
     x0_pairs = x0.repeat_interleave(2, 0)
     t_pairs = torch.stack([t, 1.0 - t], 1).flatten()
     return Noised(torch.where(pairs_masked, mask_id, x0_pairs), pairs_masked, t_pairs)
+
+
+def embedding_noise_std(step: int, steps: int, base_std: float) -> float:
+    """σ of the masked-embedding noise at `step`: base_std decayed linearly to 0 over `steps`.
+
+    The AR model never trained the mask token, so its embedding is near zero; noise on the
+    embedding output at masked positions keeps early CPT gradients healthy (report §7.1).
+    """
+    if steps <= 0 or step >= steps:
+        return 0.0
+    return base_std * (1.0 - step / steps)

@@ -1,0 +1,49 @@
+"""`llada-ray …`: the command line. Each command validates its config before doing anything."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pydantic import ValidationError
+
+from llada_ray.config import ConfigError, CptStage, PipelineConfig, load_config
+from llada_ray.diffusion.schedule import plan_phases
+
+
+def describe(cfg: PipelineConfig) -> str:
+    """The run as a reader wants it: the stages, and the CPT phases with their kind."""
+    lines = [
+        f"pipeline {cfg.name!r}: model {cfg.model.source}, seq_len {cfg.data.seq_len}, "
+        f"storage {cfg.storage.root}, tracking {cfg.tracking.uri}"
+    ]
+    for stage in cfg.stages:
+        lines.append(f"  {stage.stage}")
+        if isinstance(stage, CptStage):
+            phases = [(p.name, p.block_size, p.tokens, p.lr) for p in stage.phases]
+            for phase in plan_phases(phases, cfg.data.seq_len):
+                lines.append(
+                    f"    {phase.name:<14} {phase.kind:<7} block {phase.block_size:>5}  "
+                    f"{phase.tokens:>12,} tokens  lr {phase.lr:g}"
+                )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llada-ray", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    validate = commands.add_parser("validate", help="check a pipeline config and print its plan")
+    validate.add_argument("config")
+    args = parser.parse_args(argv)
+
+    try:
+        cfg = load_config(args.config)
+    except (ConfigError, ValidationError) as err:
+        print(f"invalid config {args.config}:\n{err}", file=sys.stderr)
+        return 2
+    print(describe(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
