@@ -23,7 +23,7 @@ IMPLEMENTATION = "llada_ray"
 
 
 def resolve_backend(name: str, device: torch.device) -> Backend:
-    """ "auto": FlexAttention where it can train (CUDA); block-sparse SDPA on CPU."""
+    """Pick the backend for "auto": FlexAttention where it trains (CUDA), else block-sparse SDPA."""
     if name == "auto":
         return "flex" if device.type == "cuda" else "block_sparse"
     return name  # type: ignore[return-value]
