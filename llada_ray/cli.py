@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     validate = commands.add_parser("validate", help="check a pipeline config and print its plan")
     validate.add_argument("config")
+    pack = commands.add_parser("pack", help="tokenize and pack the config's data into storage")
+    pack.add_argument("--config", required=True)
     args = parser.parse_args(argv)
 
     try:
@@ -41,7 +43,34 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValidationError) as err:
         print(f"invalid config {args.config}:\n{err}", file=sys.stderr)
         return 2
-    print(describe(cfg))
+    if args.command == "validate":
+        print(describe(cfg))
+        return 0
+    return _pack(cfg)
+
+
+def _pack(cfg: PipelineConfig) -> int:
+    from llada_ray.data.documents import BadRowError
+    from llada_ray.data.pack import pack_all
+    from llada_ray.storage import storage_root
+
+    fs, root = storage_root(cfg.storage)
+    try:
+        packed = pack_all(cfg, fs, f"{root}/{cfg.name}")
+    except (BadRowError, FileNotFoundError) as err:
+        print(f"packing failed: {err}", file=sys.stderr)
+        return 1
+    for name, p in packed.items():
+        m = p.manifest
+        state = "reused" if p.reused else "packed"
+        line = f"{name:<10} {state:<7} rows {m['rows']:>9,}"
+        if "tokens" in m:
+            line += (
+                f"  documents {m['documents']:>9,}  tokens {m['tokens']:>12,}"
+                f"  padding {m['padding_fraction']:.3%}"
+            )
+        skipped = ", ".join(f"{k} {v:,}" for k, v in sorted(m["bad_rows"].items())) or "none"
+        print(f"{line}  skipped: {skipped}\n{'':<10} {p.path}")
     return 0
 
 

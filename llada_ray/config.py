@@ -103,7 +103,10 @@ class DataConfig(Strict):
     sft: list[DataSource] = [TaskSource()]
     dpo: list[DataSource] = [TaskSource()]
     validation_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.02
-    bad_rows: Literal["skip", "fail"] = "skip"
+    bad_rows: Literal["skip", "fail"] = Field("skip", description="skip: count and go on")
+    max_document_chars: PositiveInt = Field(
+        10_000_000, description="longer documents are bad rows (too_long), not packed"
+    )
 
 
 # --- stages -----------------------------------------------------------------------------------

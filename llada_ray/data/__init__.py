@@ -1,0 +1,1 @@
+"""Data on Ray: corpus sources, packing with document boundaries, SFT/DPO rows, the task family."""

@@ -1,0 +1,262 @@
+"""Corpus sources as Ray Datasets of documents, and the tokenizer every data stage shares.
+
+Sources are files (text / JSONL / Parquet, local or s3://) or the built-in verifiable task. Files
+are listed on the driver in a fixed order and parsed whole by Ray tasks, so every record gets a
+global, ordered key and every bad row is kept as a record with its reason, to be counted.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import tempfile
+from collections.abc import Iterator
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import ray.data
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from llada_ray.config import DataSource, FileSource, PipelineConfig, StorageConfig, TaskSource
+from llada_ray.data import tasks
+from llada_ray.data.documents import BadRowError, document_key, parse_file
+from llada_ray.model import train_tokenizer
+
+FILES_PER_TASK = 4  # files parsed per Ray task: small enough to spread over workers
+
+
+def source_filesystem(path: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
+    """s3:// paths go through the storage's S3 endpoint (credentials from the AWS chain)."""
+    if not path.startswith("s3://"):
+        return pafs.LocalFileSystem(), path
+    options: dict = {"region": storage.region}
+    if storage.endpoint_url:
+        endpoint = urlparse(storage.endpoint_url)
+        options |= {"endpoint_override": endpoint.netloc, "scheme": endpoint.scheme or "https"}
+    parsed = urlparse(path)
+    return pafs.S3FileSystem(**options), f"{parsed.netloc}{parsed.path}".rstrip("/")
+
+
+def list_files(
+    source: FileSource, storage: StorageConfig
+) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
+    """The source's files in a fixed (sorted) order; a path that matches nothing is an error."""
+    fs, path = source_filesystem(source.path, storage)
+    if isinstance(fs, pafs.LocalFileSystem) and glob.has_magic(path):
+        infos = fs.get_file_info(sorted(glob.glob(path, recursive=True)))
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        else:
+            infos = [info]
+    files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+    if not files:
+        raise FileNotFoundError(f"data source {source.path!r} matches no file")
+    return fs, files
+
+
+def source_digest(sources: list[DataSource], storage: StorageConfig) -> str:
+    """Identity of the inputs: file paths, sizes and modification times, or the task's seed."""
+    h = hashlib.sha256()
+    for source in sources:
+        h.update(source.model_dump_json().encode())
+        if isinstance(source, FileSource):
+            for info in list_files(source, storage)[1]:
+                h.update(f"{info.path}\0{info.size}\0{info.mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _parse_files(
+    batch: dict,
+    *,
+    fs: pafs.FileSystem,
+    source: FileSource,
+    index: int,
+    max_chars: int,
+    fail: bool,
+) -> pa.Table:
+    records = []
+    for path, file in zip(batch["path"], batch["file"], strict=True):
+        with fs.open_input_stream(str(path)) as stream:
+            data = stream.read()
+        records += parse_file(
+            data,
+            path=str(path),
+            source=index,
+            file=int(file),
+            fmt=source.format,
+            field=source.field,
+            text_unit=source.text_unit,
+            max_chars=max_chars,
+        )
+    if fail:
+        bad = next((r for r in records if r["error"]), None)
+        if bad:
+            raise BadRowError(f"bad row ({bad['error']}) at {bad['where']}")
+    return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+
+
+RECORD_SCHEMA = pa.schema(
+    [
+        ("key", pa.int64()),
+        ("text", pa.large_string()),
+        ("error", pa.string()),
+        ("where", pa.string()),
+    ]
+)
+
+
+def _task_records(batch: dict, *, index: int, seed: int, kind: str) -> pa.Table:
+    render = {
+        "pretrain": tasks.pretraining_text,
+        "sft": lambda ex: json.dumps(tasks.chat(ex)),
+        "dpo": lambda ex: json.dumps(tasks.preference(ex)),
+    }[kind]
+    ids = batch["id"].tolist()
+    return pa.Table.from_pylist(
+        [
+            {
+                "key": document_key(index, 0, i),
+                "text": render(tasks.example(seed, i)),
+                "error": None,
+                "where": f"task seed {seed} example {i}",
+            }
+            for i in ids
+        ],
+        schema=RECORD_SCHEMA,
+    )
+
+
+def read_records(
+    sources: list[DataSource], cfg: PipelineConfig, kind: str = "pretrain"
+) -> ray.data.Dataset:
+    """One Dataset of {key, text, error, where} over all sources, in source order.
+
+    For `kind` sft / dpo, `text` is each sample's JSON (files are read as JSON lines).
+    """
+    parts = []
+    fail = cfg.data.bad_rows == "fail"
+    for index, source in enumerate(sources):
+        if isinstance(source, TaskSource):
+            part = ray.data.range(source.examples).map_batches(
+                _task_records,
+                fn_kwargs={"index": index, "seed": source.seed, "kind": kind},
+                batch_size=1024,
+                batch_format="numpy",
+            )
+        else:
+            if kind != "pretrain":  # chat samples are whole JSON lines
+                source = source.model_copy(update={"format": "text", "text_unit": "line"})
+            fs, files = list_files(source, cfg.storage)
+            listing = [{"path": f.path, "file": i} for i, f in enumerate(files)]
+            part = ray.data.from_items(
+                listing, override_num_blocks=max(1, -(-len(listing) // FILES_PER_TASK))
+            ).map_batches(
+                _parse_files,
+                fn_kwargs={
+                    "fs": fs,
+                    "source": source,
+                    "index": index,
+                    "max_chars": cfg.data.max_document_chars,
+                    "fail": fail,
+                },
+                batch_size=FILES_PER_TASK,
+                batch_format="numpy",
+            )
+        parts.append(part)
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def iter_texts(sources: list[DataSource], cfg: PipelineConfig, max_chars: int) -> Iterator[str]:
+    """Clean documents in corpus order on the driver, up to `max_chars` (tokenizer training)."""
+    seen = 0
+    for index, source in enumerate(sources):
+        if isinstance(source, TaskSource):
+            texts = (
+                tasks.pretraining_text(tasks.example(source.seed, i))
+                for i in range(source.examples)
+            )
+        else:
+            fs, files = list_files(source, cfg.storage)
+            texts = (
+                r["text"]
+                for file, info in enumerate(files)
+                for r in _parse_one(fs, info.path, source, index, file, cfg.data.max_document_chars)
+                if r["error"] is None
+            )
+        for text in texts:
+            yield text
+            seen += len(text)
+            if seen >= max_chars:
+                return
+
+
+def _parse_one(
+    fs: pafs.FileSystem, path: str, source: FileSource, index: int, file: int, max_chars: int
+) -> list[dict]:
+    with fs.open_input_stream(path) as stream:
+        data = stream.read()
+    return parse_file(
+        data,
+        path=path,
+        source=index,
+        file=file,
+        fmt=source.format,
+        field=source.field,
+        text_unit=source.text_unit,
+        max_chars=max_chars,
+    )
+
+
+# --- the tokenizer ----------------------------------------------------------------------------
+
+
+def prepare_tokenizer(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str) -> str:
+    """The run's tokenizer, saved under `<run>/tokenizer` (trained here for source: train).
+
+    Every data stage and worker loads this one copy, so they agree token for token. Reused when
+    already there.
+    """
+    target = f"{run_root}/tokenizer"
+    if fs.get_file_info(f"{target}/tokenizer_config.json").type == pafs.FileType.File:
+        return target
+    if cfg.tokenizer.source == "train":
+        tokenizer = train_tokenizer(
+            iter_texts(cfg.data.pretrain, cfg, cfg.tokenizer.train_chars), cfg.tokenizer.vocab_size
+        )
+    else:
+        source = cfg.model.source if cfg.tokenizer.source == "model" else cfg.tokenizer.source
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=cfg.model.trust_remote_code
+        )
+        if tokenizer.mask_token is None:
+            tokenizer.add_special_tokens({"mask_token": cfg.model.mask_token})
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    with tempfile.TemporaryDirectory() as local:
+        tokenizer.save_pretrained(local)
+        fs.create_dir(target)
+        pafs.copy_files(local, target, destination_filesystem=fs)
+    return target
+
+
+def load_tokenizer(fs: pafs.FileSystem, path: str) -> PreTrainedTokenizerBase:
+    """Load the run's tokenizer from storage (copied to a local temp dir when remote)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return AutoTokenizer.from_pretrained(path)
+    with tempfile.TemporaryDirectory() as local:
+        pafs.copy_files(path, local, source_filesystem=fs)
+        return AutoTokenizer.from_pretrained(local)
+
+
+def tokenizer_digest(fs: pafs.FileSystem, path: str) -> str:
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        info = fs.get_file_info(f"{path}/{name}")
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as stream:
+                h.update(stream.read())
+    return h.hexdigest()

@@ -1,0 +1,412 @@
+"""Packing on Ray Data: tokenize with an actor pool, pack, persist Parquet shards + a manifest.
+
+Ray Data gives a map function no end-of-stream signal, so a packer that carries its remainder
+from batch to batch would lose the last one. Instead each batch packs the rows it can fill and
+emits its remainder as one short, marked row; the driver (which does see the end) packs those
+few remainders into the last rows. Padding therefore appears only in the very last row.
+
+A stage's output directory holds `shards/*.parquet` and `manifest.json`, written last. A
+manifest whose fingerprint (inputs, tokenizer, settings, format) matches is reused as is; a
+directory without one is an interrupted attempt and is cleared and redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import ray.data
+from ray.data.expressions import col
+
+from llada_ray.config import DpoStage, PipelineConfig, SftStage
+from llada_ray.data.chat import ChatError, dpo_row, sft_row
+from llada_ray.data.corpus import (
+    load_tokenizer,
+    prepare_tokenizer,
+    read_records,
+    source_digest,
+    tokenizer_digest,
+)
+from llada_ray.data.documents import BadRowError
+from llada_ray.data.packing import Piece, Rows, pack
+
+FORMAT_VERSION = 1
+DOCUMENTS_PER_PACK_BATCH = 4096
+ROW_SCHEMA = pa.schema(
+    [
+        ("input_ids", pa.list_(pa.int32())),
+        ("doc_ids", pa.list_(pa.int32())),
+        ("segment_keys", pa.list_(pa.int64())),
+        ("segment_offsets", pa.list_(pa.int64())),
+        ("num_tokens", pa.int32()),
+    ]
+)
+
+
+class Tokenize:
+    """Actor: loads the tokenizer once, encodes batches of documents, appends EOS to each."""
+
+    def __init__(self, fs: pafs.FileSystem, tokenizer_path: str) -> None:
+        # Ray runs one actor per core: the tokenizer's own thread pool would oversubscribe.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        self.tokenizer = load_tokenizer(fs, tokenizer_path)
+        self.eos = self.tokenizer.eos_token_id
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        errors = batch.column("error").to_pylist()
+        texts = [t for t, e in zip(batch.column("text").to_pylist(), errors, strict=True) if not e]
+        encoded = (
+            iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else None
+        )
+        tokens = [[] if e else [*next(encoded), self.eos] for e in errors]
+        return pa.table(
+            {
+                "key": batch.column("key"),
+                "tokens": pa.array(tokens, type=pa.list_(pa.int32())),
+                "n_tokens": pa.array([len(t) for t in tokens], type=pa.int64()),
+                "error": batch.column("error"),
+            }
+        )
+
+
+def _pack_batch(batch: pa.Table, *, seq_len: int) -> pa.Table:
+    """Full rows of this batch, then its remainder as one short row with complete = False."""
+    ok = [i for i, e in enumerate(batch.column("error").to_pylist()) if not e]
+    keys, tokens = batch.column("key").to_pylist(), batch.column("tokens")
+    pieces = [Piece(keys[i], 0, tokens[i].values.to_numpy(zero_copy_only=False)) for i in ok]
+    rows, rest = pack(pieces, seq_len, pad_id=None)
+    table = _rows_table(rows, complete=True)
+    if rest:
+        fragment, _ = pack(rest, sum(len(p.tokens) for p in rest), pad_id=None)
+        table = pa.concat_tables([table, _rows_table(fragment, complete=False)])
+    return table
+
+
+def _rows_table(rows: Rows, complete: bool) -> pa.Table:
+    columns = rows.to_columns()
+    table = pa.table(
+        {
+            name: pa.array(columns[name], type=ROW_SCHEMA.field(name).type)
+            for name in ROW_SCHEMA.names
+        }
+    )
+    return table.append_column("complete", pa.array([complete] * len(rows), type=pa.bool_()))
+
+
+def _pieces_of(fragment: dict) -> list[Piece]:
+    ids, docs = np.asarray(fragment["input_ids"]), np.asarray(fragment["doc_ids"])
+    return [
+        Piece(int(key), int(offset), ids[docs == seg])
+        for seg, (key, offset) in enumerate(
+            zip(fragment["segment_keys"], fragment["segment_offsets"], strict=True)
+        )
+    ]
+
+
+# --- manifests --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A stage's data as stored: where, its manifest, and whether this call reused it."""
+
+    path: str
+    manifest: dict
+    reused: bool
+
+    def shard_paths(self) -> list[str]:
+        return [f"{self.path}/{s['file']}" for s in self.manifest["shards"]]
+
+
+def _read_manifest(fs: pafs.FileSystem, path: str) -> dict | None:
+    try:
+        with fs.open_input_stream(f"{path}/manifest.json") as stream:
+            manifest = json.loads(stream.read())
+    except (FileNotFoundError, OSError, json.JSONDecodeError):
+        return None
+    infos = fs.get_file_info([f"{path}/{s['file']}" for s in manifest.get("shards", [])])
+    if any(info.size != s["bytes"] for info, s in zip(infos, manifest["shards"], strict=True)):
+        return None  # a shard is missing or was changed: the manifest no longer holds
+    return manifest
+
+
+def _commit(fs: pafs.FileSystem, path: str, manifest: dict) -> dict:
+    """Describe the written shards (bytes, rows, sha256), then write the manifest last."""
+    shards = []
+    infos = fs.get_file_info(pafs.FileSelector(f"{path}/shards"))
+    for info in sorted((i for i in infos if i.path.endswith(".parquet")), key=lambda i: i.path):
+        with fs.open_input_stream(info.path) as stream:
+            data = stream.read()
+        shards.append(
+            {
+                "file": info.path.removeprefix(f"{path}/"),
+                "bytes": info.size,
+                "rows": pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows,
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
+    manifest = {**manifest, "shards": shards, "created": time.time()}
+    with fs.open_output_stream(f"{path}/manifest.json") as out:
+        out.write(json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+def _fresh(fs: pafs.FileSystem, path: str) -> None:
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+    fs.create_dir(f"{path}/shards")
+
+
+def _bad_rows(counts: list[dict]) -> dict[str, int]:
+    return {row["error"]: row["count()"] for row in counts if row["error"]}
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+
+def pack_pretraining(
+    cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, tokenizer_path: str
+) -> Packed:
+    """Pack `data.pretrain` into rows of `data.seq_len` under `<run>/data/pretrain`."""
+    path = f"{run_root}/data/pretrain"
+    fingerprint = {
+        "format": FORMAT_VERSION,
+        "kind": "pretrain",
+        "sources": source_digest(cfg.data.pretrain, cfg.storage),
+        "tokenizer": tokenizer_digest(fs, tokenizer_path),
+        "seq_len": cfg.data.seq_len,
+        "max_document_chars": cfg.data.max_document_chars,
+    }
+    manifest = _read_manifest(fs, path)
+    if manifest and manifest["fingerprint"] == fingerprint:
+        return Packed(path, manifest, reused=True)
+    _fresh(fs, path)
+    tokenizer = load_tokenizer(fs, tokenizer_path)
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the same corpus always packs the same rows
+    with _bad_row_errors():
+        tokenized = (
+            read_records(cfg.data.pretrain, cfg)
+            .map_batches(
+                Tokenize,
+                fn_constructor_args=(fs, tokenizer_path),
+                batch_format="pyarrow",
+                batch_size=256,
+                concurrency=_actor_count(),
+            )
+            .materialize()
+        )
+        counts = tokenized.groupby("error").count().take_all()
+        tokens = int(tokenized.sum("n_tokens") or 0)
+        packed = tokenized.map_batches(
+            _pack_batch,
+            fn_kwargs={"seq_len": cfg.data.seq_len},
+            batch_size=DOCUMENTS_PER_PACK_BATCH,
+            batch_format="pyarrow",
+        ).materialize()
+    fragments = packed.filter(expr=col("complete") == False).take_all()  # noqa: E712
+    pieces = [p for fragment in fragments for p in _pieces_of(fragment)]
+    last_rows, _ = pack(pieces, cfg.data.seq_len, pad_id=tokenizer.pad_token_id)
+    full = packed.filter(expr=col("complete") == True)  # noqa: E712
+    if len(last_rows):
+        full = full.union(ray.data.from_arrow(_rows_table(last_rows, complete=True)))
+    full.drop_columns(["complete"]).write_parquet(f"{path}/shards", filesystem=fs)
+
+    rows = full.count()
+    padding = int(rows * cfg.data.seq_len - tokens)
+    documents = sum(r["count()"] for r in counts if not r["error"])
+    return Packed(
+        path,
+        _commit(
+            fs,
+            path,
+            {
+                "fingerprint": fingerprint,
+                "rows": rows,
+                "tokens": tokens,
+                "documents": documents,
+                "padding_tokens": padding,
+                "padding_fraction": padding / max(rows * cfg.data.seq_len, 1),
+                "bad_rows": _bad_rows(counts),
+                "tokenizer": {
+                    "path": tokenizer_path,
+                    "eos": tokenizer.eos_token_id,
+                    "pad": tokenizer.pad_token_id,
+                    "vocab": len(tokenizer),
+                },
+                "restart_positions": cfg.data.restart_positions,
+            },
+        ),
+        reused=False,
+    )
+
+
+class ChatRows:
+    """Actor: JSON samples → SFT or DPO rows; a sample that cannot be one gets its reason."""
+
+    def __init__(
+        self,
+        fs: pafs.FileSystem,
+        tokenizer_path: str,
+        kind: str,
+        block_size: int,
+        max_len: int,
+        fail: bool,
+    ) -> None:
+        self.tokenizer = load_tokenizer(fs, tokenizer_path)
+        self.build = sft_row if kind == "sft" else dpo_row
+        self.block_size, self.max_len, self.fail = block_size, max_len, fail
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for record in batch.to_pylist():
+            error, row = record["error"], None
+            if not error:
+                try:
+                    row = self.build(
+                        json.loads(record["text"]), self.tokenizer, self.block_size, self.max_len
+                    ).to_dict()
+                except json.JSONDecodeError:
+                    error = "invalid_json"
+                except ChatError as err:
+                    error = err.reason
+            if error and self.fail:
+                raise BadRowError(f"bad row ({error}) at {record['where']}")
+            out.append({"row": json.dumps(row) if row else None, "error": error})
+        return pa.Table.from_pylist(
+            out, schema=pa.schema([("row", pa.string()), ("error", pa.string())])
+        )
+
+
+def build_chat_rows(
+    cfg: PipelineConfig,
+    fs: pafs.FileSystem,
+    run_root: str,
+    tokenizer_path: str,
+    kind: Literal["sft", "dpo"],
+    block_size: int,
+    max_len: int,
+) -> Packed:
+    """SFT rows (`data.sft`) or DPO rows (`data.dpo`) under `<run>/data/<kind>-b<block>-n<len>`."""
+    path = f"{run_root}/data/{kind}-b{block_size}-n{max_len}"
+    sources = cfg.data.sft if kind == "sft" else cfg.data.dpo
+    fingerprint = {
+        "format": FORMAT_VERSION,
+        "kind": kind,
+        "sources": source_digest(sources, cfg.storage),
+        "tokenizer": tokenizer_digest(fs, tokenizer_path),
+        "block_size": block_size,
+        "max_len": max_len,
+    }
+    manifest = _read_manifest(fs, path)
+    if manifest and manifest["fingerprint"] == fingerprint:
+        return Packed(path, manifest, reused=True)
+    _fresh(fs, path)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    with _bad_row_errors():
+        built = (
+            read_records(sources, cfg, kind=kind)
+            .map_batches(
+                ChatRows,
+                fn_constructor_args=(
+                    fs,
+                    tokenizer_path,
+                    kind,
+                    block_size,
+                    max_len,
+                    cfg.data.bad_rows == "fail",
+                ),
+                batch_format="pyarrow",
+                batch_size=256,
+                concurrency=_actor_count(),
+            )
+            .materialize()
+        )
+        counts = built.groupby("error").count().take_all()
+    rows = built.filter(expr=col("error").is_null()).map_batches(
+        _decode_rows, batch_format="pyarrow", batch_size=1024
+    )
+    rows.write_parquet(f"{path}/shards", filesystem=fs)
+    valid = sum(r["count()"] for r in counts if not r["error"])
+    return Packed(
+        path,
+        _commit(
+            fs,
+            path,
+            {
+                "fingerprint": fingerprint,
+                "rows": valid,
+                "bad_rows": _bad_rows(counts),
+            },
+        ),
+        reused=False,
+    )
+
+
+def _decode_rows(batch: pa.Table) -> pa.Table:
+    return pa.Table.from_pylist([json.loads(r) for r in batch.column("row").to_pylist()])
+
+
+# --- shared -----------------------------------------------------------------------------------
+
+
+def read_packed(packed: Packed, fs: pafs.FileSystem) -> ray.data.Dataset:
+    """The stored rows as a Ray Dataset (training splits it across workers)."""
+    return ray.data.read_parquet(packed.shard_paths(), filesystem=fs)
+
+
+def _actor_count() -> tuple[int, int]:
+    """Between one actor and one per CPU of the cluster (Ray Data scales the pool)."""
+    if not ray.is_initialized():
+        ray.init()
+    return (1, max(1, int(ray.cluster_resources().get("CPU", 1))))
+
+
+class _bad_row_errors:
+    """Ray wraps a worker's BadRowError in its own exception: surface ours, with its message."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, err: BaseException | None, tb: object) -> bool:
+        if err is None or isinstance(err, BadRowError):
+            return False
+        cause: BaseException | None = err
+        while cause is not None:
+            if isinstance(cause, BadRowError):
+                raise BadRowError(str(cause)) from None
+            cause = cause.__cause__ or cause.__context__
+        marker = "BadRowError: "
+        text = str(err)
+        if marker in text:
+            raise BadRowError(text.split(marker, 1)[1].splitlines()[0]) from None
+        return False
+
+
+def pack_all(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str) -> dict[str, Packed]:
+    """Everything the config's stages read: pre-training rows, SFT rows per block size, DPO rows."""
+    tokenizer_path = prepare_tokenizer(cfg, fs, run_root)
+    out: dict[str, Packed] = {}
+    kinds = {stage.stage for stage in cfg.stages}
+    if kinds & {"ar_pretrain", "cpt"}:
+        out["pretrain"] = pack_pretraining(cfg, fs, run_root, tokenizer_path)
+    for stage in cfg.stages:
+        if isinstance(stage, SftStage | DpoStage):
+            kind = "dpo" if isinstance(stage, DpoStage) else "sft"
+            name = f"{kind}-b{stage.block_size}-n{stage.max_len}"
+            if name in out:
+                continue  # CAP reads the same rows as SFT with the same block size and length
+            out[name] = build_chat_rows(
+                cfg, fs, run_root, tokenizer_path, kind, stage.block_size, stage.max_len
+            )
+    return out
