@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def pytest_configure(config: pytest.Config) -> None:
     # Every Ray process, CLI call and S3 client the tests start inherits these.
     os.environ.update(stack.RAY_ENV | stack.S3_ENV)
+    # A terminated run (CI time-out, Ctrl-C from a wrapper) still tears its services down.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @pytest.fixture(scope="session")

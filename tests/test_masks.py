@@ -13,10 +13,10 @@ from llada_ray.diffusion.masks import (
     TiledPlan,
     block_diffusion_layout,
     causal_layout,
-    check_block_size,
     position_ids_for,
     stable_layout,
 )
+from llada_ray.diffusion.schedule import check_block_size
 from llada_ray.model.attention import MaskedAttention
 
 

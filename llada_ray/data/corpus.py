@@ -12,19 +12,32 @@ import hashlib
 import json
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import ray
 import ray.data
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from tokenizers import Tokenizer
 
 from llada_ray.config import DataSource, FileSource, PipelineConfig, StorageConfig, TaskSource
 from llada_ray.data import tasks
 from llada_ray.data.documents import BadRowError, document_key, parse_file
-from llada_ray.model import train_tokenizer
 
-FILES_PER_TASK = 4  # files parsed per Ray task: small enough to spread over workers
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+FILES_PER_BATCH = 4  # files parsed per batch inside a task
+BYTES_PER_BLOCK = 32 << 20  # listing blocks: ≤ ~32 MB of files each, and ≥ 4 per CPU so
+# that files of uneven size still spread evenly over the tokenizer actors
+
+
+def _blocks_for(files: list[pafs.FileInfo]) -> int:
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    by_size = -(-sum(f.size for f in files) // BYTES_PER_BLOCK)
+    return max(1, min(len(files), max(4 * cpus, by_size)))
 
 
 def source_filesystem(path: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
@@ -152,9 +165,7 @@ def read_records(
                 source = source.model_copy(update={"format": "text", "text_unit": "line"})
             fs, files = list_files(source, cfg.storage)
             listing = [{"path": f.path, "file": i} for i, f in enumerate(files)]
-            part = ray.data.from_items(
-                listing, override_num_blocks=max(1, -(-len(listing) // FILES_PER_TASK))
-            ).map_batches(
+            part = ray.data.from_items(listing, override_num_blocks=_blocks_for(files)).map_batches(
                 _parse_files,
                 fn_kwargs={
                     "fs": fs,
@@ -163,7 +174,7 @@ def read_records(
                     "max_chars": cfg.data.max_document_chars,
                     "fail": fail,
                 },
-                batch_size=FILES_PER_TASK,
+                batch_size=FILES_PER_BATCH,
                 batch_format="numpy",
             )
         parts.append(part)
@@ -220,6 +231,10 @@ def prepare_tokenizer(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str) -
     Every data stage and worker loads this one copy, so they agree token for token. Reused when
     already there.
     """
+    from transformers import AutoTokenizer
+
+    from llada_ray.model.tiny import train_tokenizer
+
     target = f"{run_root}/tokenizer"
     if fs.get_file_info(f"{target}/tokenizer_config.json").type == pafs.FileType.File:
         return target
@@ -245,6 +260,8 @@ def prepare_tokenizer(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str) -
 
 def load_tokenizer(fs: pafs.FileSystem, path: str) -> PreTrainedTokenizerBase:
     """Load the run's tokenizer from storage (copied to a local temp dir when remote)."""
+    from transformers import AutoTokenizer
+
     if isinstance(fs, pafs.LocalFileSystem):
         return AutoTokenizer.from_pretrained(path)
     with tempfile.TemporaryDirectory() as local:
@@ -260,3 +277,44 @@ def tokenizer_digest(fs: pafs.FileSystem, path: str) -> str:
             with fs.open_input_stream(info.path) as stream:
                 h.update(stream.read())
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """The run's tokenizer as the `tokenizers` library sees it: what packing workers need.
+
+    Importing transformers costs a Ray worker seconds; `tokenizers` encodes identically (it is
+    what a fast HF tokenizer runs) and loads in milliseconds.
+    """
+
+    tokenizer: Tokenizer
+    eos_id: int
+    pad_id: int
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def load_encoder(fs: pafs.FileSystem, path: str) -> Encoder:
+    def read(name: str) -> bytes:
+        try:
+            with fs.open_input_stream(f"{path}/{name}") as stream:
+                return stream.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{path}/{name} not found: packing needs a fast tokenizer (tokenizer.json)"
+            ) from None
+
+    tokenizer = Tokenizer.from_str(read("tokenizer.json").decode())
+    config = json.loads(read("tokenizer_config.json"))
+
+    def token_id(name: str) -> int | None:
+        token = config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        return tokenizer.token_to_id(token) if token else None
+
+    eos = token_id("eos_token")
+    if eos is None:
+        raise ValueError(f"tokenizer at {path} has no EOS token: documents need one appended")
+    pad = token_id("pad_token")
+    return Encoder(tokenizer, eos, eos if pad is None else pad)

@@ -30,6 +30,7 @@ from ray.data.expressions import col
 from llada_ray.config import DpoStage, PipelineConfig, SftStage
 from llada_ray.data.chat import ChatError, dpo_row, sft_row
 from llada_ray.data.corpus import (
+    load_encoder,
     load_tokenizer,
     prepare_tokenizer,
     read_records,
@@ -56,42 +57,53 @@ class Tokenize:
     """Actor: loads the tokenizer once, encodes batches of documents, appends EOS to each."""
 
     def __init__(self, fs: pafs.FileSystem, tokenizer_path: str) -> None:
-        # Ray runs one actor per core: the tokenizer's own thread pool would oversubscribe.
+        # One actor per CPU: the tokenizer's own thread pool would oversubscribe. (A pool of
+        # 2-thread actors measured slower here: a batch waits for its longest document.)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        self.tokenizer = load_tokenizer(fs, tokenizer_path)
-        self.eos = self.tokenizer.eos_token_id
+        self.encoder = load_encoder(fs, tokenizer_path)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         errors = batch.column("error").to_pylist()
         texts = [t for t, e in zip(batch.column("text").to_pylist(), errors, strict=True) if not e]
-        encoded = (
-            iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else None
-        )
-        tokens = [[] if e else [*next(encoded), self.eos] for e in errors]
+        encoded = iter(self.encoder.encode(texts))
+        eos = self.encoder.eos_id
+        tokens = [[] if e else [*next(encoded), eos] for e in errors]
         return pa.table(
             {
                 "key": batch.column("key"),
                 "tokens": pa.array(tokens, type=pa.list_(pa.int32())),
-                "n_tokens": pa.array([len(t) for t in tokens], type=pa.int64()),
                 "error": batch.column("error"),
             }
         )
 
 
 def _pack_batch(batch: pa.Table, *, seq_len: int) -> pa.Table:
-    """Full rows of this batch, then its remainder as one short row with complete = False."""
-    ok = [i for i, e in enumerate(batch.column("error").to_pylist()) if not e]
+    """This batch's full rows, then one tail row (complete = False): the batch's remainder
+    (possibly empty) and, as JSON in `stats`, what the batch held (documents, tokens, bad rows).
+    The driver reads only the tail rows: remainders and counts in one small pass."""
+    errors = batch.column("error").to_pylist()
     keys, tokens = batch.column("key").to_pylist(), batch.column("tokens")
-    pieces = [Piece(keys[i], 0, tokens[i].values.to_numpy(zero_copy_only=False)) for i in ok]
+    pieces = [
+        Piece(keys[i], 0, tokens[i].values.to_numpy(zero_copy_only=False))
+        for i, e in enumerate(errors)
+        if not e
+    ]
     rows, rest = pack(pieces, seq_len, pad_id=None)
-    table = _rows_table(rows, complete=True)
-    if rest:
-        fragment, _ = pack(rest, sum(len(p.tokens) for p in rest), pad_id=None)
-        table = pa.concat_tables([table, _rows_table(fragment, complete=False)])
-    return table
+    tail, _ = pack(rest, max(sum(len(p.tokens) for p in rest), 1), pad_id=None)
+    bad: dict[str, int] = {}
+    for e in errors:
+        if e:
+            bad[e] = bad.get(e, 0) + 1
+    stats = {"documents": len(pieces), "tokens": sum(len(p.tokens) for p in pieces), "bad": bad}
+    return pa.concat_tables(
+        [
+            _rows_table(rows, complete=True, stats=None),
+            _rows_table(tail, complete=False, stats=json.dumps(stats)),
+        ]
+    )
 
 
-def _rows_table(rows: Rows, complete: bool) -> pa.Table:
+def _rows_table(rows: Rows, complete: bool, stats: str | None = None) -> pa.Table:
     columns = rows.to_columns()
     table = pa.table(
         {
@@ -99,7 +111,22 @@ def _rows_table(rows: Rows, complete: bool) -> pa.Table:
             for name in ROW_SCHEMA.names
         }
     )
-    return table.append_column("complete", pa.array([complete] * len(rows), type=pa.bool_()))
+    if not len(rows) and not complete:  # an empty remainder still carries the batch's stats
+        table = pa.Table.from_pylist(
+            [
+                {
+                    "input_ids": [],
+                    "doc_ids": [],
+                    "segment_keys": [],
+                    "segment_offsets": [],
+                    "num_tokens": 0,
+                }
+            ],
+            schema=ROW_SCHEMA,
+        )
+    n = table.num_rows
+    table = table.append_column("complete", pa.array([complete] * n, type=pa.bool_()))
+    return table.append_column("stats", pa.array([stats] * n, type=pa.string()))
 
 
 def _pieces_of(fragment: dict) -> list[Piece]:
@@ -139,8 +166,8 @@ def _read_manifest(fs: pafs.FileSystem, path: str) -> dict | None:
     return manifest
 
 
-def _commit(fs: pafs.FileSystem, path: str, manifest: dict) -> dict:
-    """Describe the written shards (bytes, rows, sha256), then write the manifest last."""
+def _describe_shards(fs: pafs.FileSystem, path: str, manifest: dict) -> dict:
+    """The manifest plus the written shards: file, bytes, rows, sha256; and the row total."""
     shards = []
     infos = fs.get_file_info(pafs.FileSelector(f"{path}/shards"))
     for info in sorted((i for i in infos if i.path.endswith(".parquet")), key=lambda i: i.path):
@@ -154,7 +181,12 @@ def _commit(fs: pafs.FileSystem, path: str, manifest: dict) -> dict:
                 "sha256": hashlib.sha256(data).hexdigest(),
             }
         )
-    manifest = {**manifest, "shards": shards, "created": time.time()}
+    return {**manifest, "rows": sum(s["rows"] for s in shards), "shards": shards}
+
+
+def _write_manifest(fs: pafs.FileSystem, path: str, manifest: dict) -> dict:
+    """The commit point: written last, after every shard is in place."""
+    manifest = {**manifest, "created": time.time()}
     with fs.open_output_stream(f"{path}/manifest.json") as out:
         out.write(json.dumps(manifest, indent=2).encode())
     return manifest
@@ -164,10 +196,6 @@ def _fresh(fs: pafs.FileSystem, path: str) -> None:
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_dir(path)
     fs.create_dir(f"{path}/shards")
-
-
-def _bad_rows(counts: list[dict]) -> dict[str, int]:
-    return {row["error"]: row["count()"] for row in counts if row["error"]}
 
 
 # --- stages -----------------------------------------------------------------------------------
@@ -190,65 +218,63 @@ def pack_pretraining(
     if manifest and manifest["fingerprint"] == fingerprint:
         return Packed(path, manifest, reused=True)
     _fresh(fs, path)
-    tokenizer = load_tokenizer(fs, tokenizer_path)
+    encoder = load_encoder(fs, tokenizer_path)
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the same corpus always packs the same rows
     with _bad_row_errors():
-        tokenized = (
+        packed = (
             read_records(cfg.data.pretrain, cfg)
             .map_batches(
                 Tokenize,
                 fn_constructor_args=(fs, tokenizer_path),
                 batch_format="pyarrow",
                 batch_size=256,
-                concurrency=_actor_count(),
+                concurrency=(1, _cluster_cpus()),
+            )
+            .map_batches(
+                _pack_batch,
+                fn_kwargs={"seq_len": cfg.data.seq_len},
+                batch_size=DOCUMENTS_PER_PACK_BATCH,
+                batch_format="pyarrow",
             )
             .materialize()
         )
-        counts = tokenized.groupby("error").count().take_all()
-        tokens = int(tokenized.sum("n_tokens") or 0)
-        packed = tokenized.map_batches(
-            _pack_batch,
-            fn_kwargs={"seq_len": cfg.data.seq_len},
-            batch_size=DOCUMENTS_PER_PACK_BATCH,
-            batch_format="pyarrow",
-        ).materialize()
-    fragments = packed.filter(expr=col("complete") == False).take_all()  # noqa: E712
-    pieces = [p for fragment in fragments for p in _pieces_of(fragment)]
-    last_rows, _ = pack(pieces, cfg.data.seq_len, pad_id=tokenizer.pad_token_id)
+    tails = packed.filter(expr=col("complete") == False).take_all()  # noqa: E712
+    stats = [json.loads(t["stats"]) for t in tails]
+    bad_rows: dict[str, int] = {}
+    for s in stats:
+        for reason, n in s["bad"].items():
+            bad_rows[reason] = bad_rows.get(reason, 0) + n
+    tokens = sum(s["tokens"] for s in stats)
+    pieces = [p for tail in tails for p in _pieces_of(tail)]
+    last_rows, _ = pack(pieces, cfg.data.seq_len, pad_id=encoder.pad_id)
     full = packed.filter(expr=col("complete") == True)  # noqa: E712
     if len(last_rows):
         full = full.union(ray.data.from_arrow(_rows_table(last_rows, complete=True)))
-    full.drop_columns(["complete"]).write_parquet(f"{path}/shards", filesystem=fs)
+    full.drop_columns(["complete", "stats"]).write_parquet(f"{path}/shards", filesystem=fs)
 
-    rows = full.count()
-    padding = int(rows * cfg.data.seq_len - tokens)
-    documents = sum(r["count()"] for r in counts if not r["error"])
-    return Packed(
+    manifest = _describe_shards(
+        fs,
         path,
-        _commit(
-            fs,
-            path,
-            {
-                "fingerprint": fingerprint,
-                "rows": rows,
-                "tokens": tokens,
-                "documents": documents,
-                "padding_tokens": padding,
-                "padding_fraction": padding / max(rows * cfg.data.seq_len, 1),
-                "bad_rows": _bad_rows(counts),
-                "tokenizer": {
-                    "path": tokenizer_path,
-                    "eos": tokenizer.eos_token_id,
-                    "pad": tokenizer.pad_token_id,
-                    "vocab": len(tokenizer),
-                },
-                "restart_positions": cfg.data.restart_positions,
+        {
+            "fingerprint": fingerprint,
+            "tokens": tokens,
+            "documents": sum(s["documents"] for s in stats),
+            "bad_rows": dict(sorted(bad_rows.items())),
+            "tokenizer": {
+                "path": tokenizer_path,
+                "eos": encoder.eos_id,
+                "pad": encoder.pad_id,
+                "vocab": encoder.tokenizer.get_vocab_size(),
             },
-        ),
-        reused=False,
+            "restart_positions": cfg.data.restart_positions,
+        },
     )
+    capacity = manifest["rows"] * cfg.data.seq_len
+    manifest["padding_tokens"] = capacity - tokens
+    manifest["padding_fraction"] = (capacity - tokens) / max(capacity, 1)
+    return Packed(path, _write_manifest(fs, path, manifest), reused=False)
 
 
 class ChatRows:
@@ -328,29 +354,22 @@ def build_chat_rows(
                 ),
                 batch_format="pyarrow",
                 batch_size=256,
-                concurrency=_actor_count(),
+                concurrency=(1, _cluster_cpus()),
             )
             .materialize()
         )
-        counts = built.groupby("error").count().take_all()
+    bad_rows: dict[str, int] = {}
+    for batch in built.select_columns(["error"]).iter_batches(batch_format="pyarrow"):
+        for reason in batch.column("error").drop_null().to_pylist():
+            bad_rows[reason] = bad_rows.get(reason, 0) + 1
     rows = built.filter(expr=col("error").is_null()).map_batches(
         _decode_rows, batch_format="pyarrow", batch_size=1024
     )
     rows.write_parquet(f"{path}/shards", filesystem=fs)
-    valid = sum(r["count()"] for r in counts if not r["error"])
-    return Packed(
-        path,
-        _commit(
-            fs,
-            path,
-            {
-                "fingerprint": fingerprint,
-                "rows": valid,
-                "bad_rows": _bad_rows(counts),
-            },
-        ),
-        reused=False,
+    manifest = _describe_shards(
+        fs, path, {"fingerprint": fingerprint, "bad_rows": dict(sorted(bad_rows.items()))}
     )
+    return Packed(path, _write_manifest(fs, path, manifest), reused=False)
 
 
 def _decode_rows(batch: pa.Table) -> pa.Table:
@@ -365,11 +384,12 @@ def read_packed(packed: Packed, fs: pafs.FileSystem) -> ray.data.Dataset:
     return ray.data.read_parquet(packed.shard_paths(), filesystem=fs)
 
 
-def _actor_count() -> tuple[int, int]:
-    """Between one actor and one per CPU of the cluster (Ray Data scales the pool)."""
+def _cluster_cpus() -> int:
+    """Actor pools grow up to one actor per CPU: packing runs before training, with the cluster
+    to itself. (A fixed pool of that size would starve the read tasks that feed it.)"""
     if not ray.is_initialized():
         ray.init()
-    return (1, max(1, int(ray.cluster_resources().get("CPU", 1))))
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 class _bad_row_errors:

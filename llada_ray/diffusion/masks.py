@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from llada_ray.diffusion.schedule import check_block_size
+
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -158,14 +160,6 @@ def causal_layout(doc_ids: torch.Tensor) -> AttentionLayout:
     """Autoregressive attention (all clean, block 1), still confined to each document."""
     tokens = _as_tokens(_row_index(doc_ids), True, doc_ids)
     return AttentionLayout(tokens, tokens, 1)
-
-
-def check_block_size(block_size: int, seq_len: int) -> None:
-    if block_size < 1 or seq_len % block_size:
-        raise ValueError(
-            f"block size {block_size} does not divide sequence length {seq_len}: blocks are "
-            "aligned to absolute positions, so L must be a multiple of the block size"
-        )
 
 
 def position_ids_for(doc_ids: torch.Tensor, restart_per_document: bool) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Warmup grows the block size from 1 (the AR model read as a block-diffusion model) to the
 sequence length; the stable phase trains plain MDLM at block = sequence length without the clean
 half; decay shrinks the block size step by step to the size used at inference. The phases are
-data (config); this module checks their shape and says how each one runs.
+data (config); this module checks their shape and says how each one runs. Pure Python: the
+config imports it, and must stay light for Ray Data workers.
 """
 
 from __future__ import annotations
@@ -11,9 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from llada_ray.diffusion.masks import check_block_size
-
 PhaseKind = Literal["warmup", "stable", "decay"]
+
+
+def check_block_size(block_size: int, seq_len: int) -> None:
+    if block_size < 1 or seq_len % block_size:
+        raise ValueError(
+            f"block size {block_size} does not divide sequence length {seq_len}: blocks are "
+            "aligned to absolute positions, so L must be a multiple of the block size"
+        )
 
 
 @dataclass(frozen=True)
