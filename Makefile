@@ -26,6 +26,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/attention.py
+	$(BIN)/python bench/packing.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -63,14 +63,14 @@ def _pack(cfg: PipelineConfig) -> int:
     for name, p in packed.items():
         m = p.manifest
         state = "reused" if p.reused else "packed"
-        line = f"{name:<10} {state:<7} rows {m['rows']:>9,}"
+        line = f"{name:<14} {state:<7} rows {m['rows']:>9,}"
         if "tokens" in m:
             line += (
                 f"  documents {m['documents']:>9,}  tokens {m['tokens']:>12,}"
                 f"  padding {m['padding_fraction']:.3%}"
             )
         skipped = ", ".join(f"{k} {v:,}" for k, v in sorted(m["bad_rows"].items())) or "none"
-        print(f"{line}  skipped: {skipped}\n{'':<10} {p.path}")
+        print(f"{line}  skipped: {skipped}\n{'':<14} {p.path}")
     return 0
 
 

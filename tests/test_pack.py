@@ -74,6 +74,7 @@ def config(
                     {"type": "task", "examples": 40, "seed": 3},
                     {"type": "files", "path": f"{corpus}/chats.jsonl"},
                 ],
+                "dpo": [{"type": "task", "examples": 20, "seed": 4}],
                 **data,
             },
             "stages": [
@@ -201,3 +202,10 @@ def test_sft_rows_from_tasks_and_chat_file(ray_cluster, tmp_path: Path, tiny_tok
     assert len(rows) == 41
     for row in rows:
         assert len(row["input_ids"]) % 16 == 0 and 0 < row["prompt_len"] < len(row["input_ids"])
+
+    pairs = packed_rows(build_chat_rows(cfg, fs, f"{root}/packtest", tok_path, "dpo", 16, 256), fs)
+    assert len(pairs) == 20
+    for pair in pairs:
+        for side in ("chosen_ids", "rejected_ids"):
+            assert (len(pair["prompt_ids"]) + len(pair[side])) % 16 == 0
+        assert list(pair["chosen_ids"]) != list(pair["rejected_ids"])
