@@ -14,7 +14,6 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -25,6 +24,7 @@ from tokenizers import Tokenizer
 from llada_ray.config import DataSource, FileSource, PipelineConfig, StorageConfig, TaskSource
 from llada_ray.data import tasks
 from llada_ray.data.documents import BadRowError, document_key, parse_file
+from llada_ray.storage import filesystem_for
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -40,23 +40,11 @@ def _blocks_for(files: list[pafs.FileInfo]) -> int:
     return max(1, min(len(files), max(4 * cpus, by_size)))
 
 
-def source_filesystem(path: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
-    """s3:// paths go through the storage's S3 endpoint (credentials from the AWS chain)."""
-    if not path.startswith("s3://"):
-        return pafs.LocalFileSystem(), path
-    options: dict = {"region": storage.region}
-    if storage.endpoint_url:
-        endpoint = urlparse(storage.endpoint_url)
-        options |= {"endpoint_override": endpoint.netloc, "scheme": endpoint.scheme or "https"}
-    parsed = urlparse(path)
-    return pafs.S3FileSystem(**options), f"{parsed.netloc}{parsed.path}".rstrip("/")
-
-
 def list_files(
     source: FileSource, storage: StorageConfig
 ) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
     """The source's files in a fixed (sorted) order; a path that matches nothing is an error."""
-    fs, path = source_filesystem(source.path, storage)
+    fs, path = filesystem_for(source.path, storage)
     if isinstance(fs, pafs.LocalFileSystem) and glob.has_magic(path):
         infos = fs.get_file_info(sorted(glob.glob(path, recursive=True)))
     else:

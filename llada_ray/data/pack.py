@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
@@ -90,10 +91,7 @@ def _pack_batch(batch: pa.Table, *, seq_len: int) -> pa.Table:
     ]
     rows, rest = pack(pieces, seq_len, pad_id=None)
     tail, _ = pack(rest, max(sum(len(p.tokens) for p in rest), 1), pad_id=None)
-    bad: dict[str, int] = {}
-    for e in errors:
-        if e:
-            bad[e] = bad.get(e, 0) + 1
+    bad = Counter(e for e in errors if e)
     stats = {"documents": len(pieces), "tokens": sum(len(p.tokens) for p in pieces), "bad": bad}
     return pa.concat_tables(
         [
@@ -242,10 +240,7 @@ def pack_pretraining(
         )
     tails = packed.filter(expr=col("complete") == False).take_all()  # noqa: E712
     stats = [json.loads(t["stats"]) for t in tails]
-    bad_rows: dict[str, int] = {}
-    for s in stats:
-        for reason, n in s["bad"].items():
-            bad_rows[reason] = bad_rows.get(reason, 0) + n
+    bad_rows = sum((Counter(s["bad"]) for s in stats), Counter())
     tokens = sum(s["tokens"] for s in stats)
     pieces = [p for tail in tails for p in _pieces_of(tail)]
     last_rows, _ = pack(pieces, cfg.data.seq_len, pad_id=encoder.pad_id)
@@ -358,10 +353,11 @@ def build_chat_rows(
             )
             .materialize()
         )
-    bad_rows: dict[str, int] = {}
-    for batch in built.select_columns(["error"]).iter_batches(batch_format="pyarrow"):
-        for reason in batch.column("error").drop_null().to_pylist():
-            bad_rows[reason] = bad_rows.get(reason, 0) + 1
+    bad_rows = Counter(
+        reason
+        for batch in built.select_columns(["error"]).iter_batches(batch_format="pyarrow")
+        for reason in batch.column("error").drop_null().to_pylist()
+    )
     rows = built.filter(expr=col("error").is_null()).map_batches(
         _decode_rows, batch_format="pyarrow", batch_size=1024
     )
