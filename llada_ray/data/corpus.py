@@ -30,8 +30,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 FILES_PER_BATCH = 4  # files parsed per batch inside a task
-BYTES_PER_BLOCK = 32 << 20  # listing blocks: ≤ ~32 MB of files each, and ≥ 4 per CPU so
-# that files of uneven size still spread evenly over the tokenizer actors
+# Listing blocks hold ≤ ~32 MB of files each, and there are ≥ 4 per CPU, so that files of
+# uneven size still spread evenly over the tokenizer actors.
+BYTES_PER_BLOCK = 32 << 20
 
 
 def _blocks_for(files: list[pafs.FileInfo]) -> int:
@@ -79,20 +80,11 @@ def _parse_files(
     max_chars: int,
     fail: bool,
 ) -> pa.Table:
-    records = []
-    for path, file in zip(batch["path"], batch["file"], strict=True):
-        with fs.open_input_stream(str(path)) as stream:
-            data = stream.read()
-        records += parse_file(
-            data,
-            path=str(path),
-            source=index,
-            file=int(file),
-            fmt=source.format,
-            field=source.field,
-            text_unit=source.text_unit,
-            max_chars=max_chars,
-        )
+    records = [
+        r
+        for path, file in zip(batch["path"], batch["file"], strict=True)
+        for r in _parse_one(fs, str(path), source, index, int(file), max_chars)
+    ]
     if fail:
         bad = next((r for r in records if r["error"]), None)
         if bad:
