@@ -154,7 +154,7 @@ def main() -> None:
                 "higher_is_better": True,
                 "met": speedup >= 1.8,
                 "note": "tokenizer-bound on 2 cores, so 2x is the ceiling; Ray's fixed costs "
-                "(actor start-up, the autoscaling pool's ramp from 1 actor) take the rest",
+                "(worker and actor start-up, a second pass for the tails, the write) take the rest",
             },
             "padding_fraction": {
                 "value": ours["padding_fraction"],

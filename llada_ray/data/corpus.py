@@ -29,16 +29,16 @@ from llada_ray.storage import filesystem_for
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-FILES_PER_BATCH = 4  # files parsed per batch inside a task
+UNITS_PER_BATCH = 4  # work units (files, task ranges) per batch inside a task
 # Listing blocks hold ≤ ~32 MB of files each, and there are ≥ 4 per CPU, so that files of
 # uneven size still spread evenly over the tokenizer actors.
 BYTES_PER_BLOCK = 32 << 20
 
 
-def _blocks_for(files: list[pafs.FileInfo]) -> int:
+def _blocks_for(units: int, total_bytes: int) -> int:
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
-    by_size = -(-sum(f.size for f in files) // BYTES_PER_BLOCK)
-    return max(1, min(len(files), max(4 * cpus, by_size)))
+    by_size = -(-total_bytes // BYTES_PER_BLOCK)
+    return max(1, min(units, max(4 * cpus, by_size)))
 
 
 def list_files(
@@ -71,27 +71,6 @@ def source_digest(sources: list[DataSource], storage: StorageConfig) -> str:
     return h.hexdigest()
 
 
-def _parse_files(
-    batch: dict,
-    *,
-    fs: pafs.FileSystem,
-    source: FileSource,
-    index: int,
-    max_chars: int,
-    fail: bool,
-) -> pa.Table:
-    records = [
-        r
-        for path, file in zip(batch["path"], batch["file"], strict=True)
-        for r in _parse_one(fs, str(path), source, index, int(file), max_chars)
-    ]
-    if fail:
-        bad = next((r for r in records if r["error"]), None)
-        if bad:
-            raise BadRowError(f"bad row ({bad['error']}) at {bad['where']}")
-    return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
-
-
 RECORD_SCHEMA = pa.schema(
     [
         ("key", pa.int64()),
@@ -100,27 +79,52 @@ RECORD_SCHEMA = pa.schema(
         ("where", pa.string()),
     ]
 )
+TASK_EXAMPLES_PER_UNIT = 2048
 
 
-def _task_records(batch: dict, *, index: int, seed: int, kind: str) -> pa.Table:
+def _task_records(source: TaskSource, index: int, start: int, stop: int, kind: str) -> list[dict]:
     render = {
         "pretrain": tasks.pretraining_text,
         "sft": lambda ex: json.dumps(tasks.chat(ex)),
         "dpo": lambda ex: json.dumps(tasks.preference(ex)),
     }[kind]
-    ids = batch["id"].tolist()
-    return pa.Table.from_pylist(
-        [
-            {
-                "key": document_key(index, 0, i),
-                "text": render(tasks.example(seed, i)),
-                "error": None,
-                "where": f"task seed {seed} example {i}",
-            }
-            for i in ids
-        ],
-        schema=RECORD_SCHEMA,
-    )
+    return [
+        {
+            "key": document_key(index, 0, i),
+            "text": render(tasks.example(source.seed, i)),
+            "error": None,
+            "where": f"task seed {source.seed} example {i}",
+        }
+        for i in range(start, stop)
+    ]
+
+
+def _parse_units(
+    batch: dict,
+    *,
+    sources: list[DataSource],
+    filesystems: dict[int, pafs.FileSystem],
+    kind: str,
+    max_chars: int,
+    fail: bool,
+) -> pa.Table:
+    """Records of a batch of work units: files to parse, or ranges of task examples."""
+    records: list[dict] = []
+    for index, path, file, start, stop in zip(
+        batch["source"], batch["path"], batch["file"], batch["start"], batch["stop"], strict=True
+    ):
+        source = sources[int(index)]
+        if isinstance(source, TaskSource):
+            records += _task_records(source, int(index), int(start), int(stop), kind)
+        else:
+            records += _parse_one(
+                filesystems[int(index)], str(path), source, int(index), int(file), max_chars
+            )
+    if fail:
+        bad = next((r for r in records if r["error"]), None)
+        if bad:
+            raise BadRowError(f"bad row ({bad['error']}) at {bad['where']}")
+    return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
 
 
 def read_records(
@@ -128,37 +132,46 @@ def read_records(
 ) -> ray.data.Dataset:
     """One Dataset of {key, text, error, where} over all sources, in source order.
 
-    For `kind` sft / dpo, `text` is each sample's JSON (files are read as JSON lines).
+    All sources become one list of work units (a file, or a range of task examples) read by a
+    single map, which Ray Data fuses into the consuming actor: no read task ever waits for a CPU
+    that the actor pool holds. For `kind` sft / dpo, `text` is each sample's JSON (files are
+    read as JSON lines).
     """
-    parts = []
-    fail = cfg.data.bad_rows == "fail"
+    units: list[dict] = []
+    filesystems: dict[int, pafs.FileSystem] = {}
+    as_read = []
+    total_bytes = 0
     for index, source in enumerate(sources):
+        if isinstance(source, FileSource) and kind != "pretrain":  # chats: whole JSON lines
+            source = source.model_copy(update={"format": "text", "text_unit": "line"})
+        as_read.append(source)
         if isinstance(source, TaskSource):
-            part = ray.data.range(source.examples).map_batches(
-                _task_records,
-                fn_kwargs={"index": index, "seed": source.seed, "kind": kind},
-                batch_size=1024,
-                batch_format="numpy",
-            )
-        else:
-            if kind != "pretrain":  # chat samples are whole JSON lines
-                source = source.model_copy(update={"format": "text", "text_unit": "line"})
-            fs, files = list_files(source, cfg.storage)
-            listing = [{"path": f.path, "file": i} for i, f in enumerate(files)]
-            part = ray.data.from_items(listing, override_num_blocks=_blocks_for(files)).map_batches(
-                _parse_files,
-                fn_kwargs={
-                    "fs": fs,
-                    "source": source,
-                    "index": index,
-                    "max_chars": cfg.data.max_document_chars,
-                    "fail": fail,
-                },
-                batch_size=FILES_PER_BATCH,
-                batch_format="numpy",
-            )
-        parts.append(part)
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+            for start in range(0, source.examples, TASK_EXAMPLES_PER_UNIT):
+                stop = min(start + TASK_EXAMPLES_PER_UNIT, source.examples)
+                units.append(
+                    {"source": index, "path": "", "file": -1, "start": start, "stop": stop}
+                )
+            continue
+        filesystems[index], files = list_files(source, cfg.storage)
+        total_bytes += sum(f.size for f in files)
+        units += [
+            {"source": index, "path": f.path, "file": i, "start": 0, "stop": 0}
+            for i, f in enumerate(files)
+        ]
+    return ray.data.from_items(
+        units, override_num_blocks=_blocks_for(len(units), total_bytes)
+    ).map_batches(
+        _parse_units,
+        fn_kwargs={
+            "sources": as_read,
+            "filesystems": filesystems,
+            "kind": kind,
+            "max_chars": cfg.data.max_document_chars,
+            "fail": cfg.data.bad_rows == "fail",
+        },
+        batch_size=UNITS_PER_BATCH,
+        batch_format="numpy",
+    )
 
 
 def iter_texts(sources: list[DataSource], cfg: PipelineConfig, max_chars: int) -> Iterator[str]:
