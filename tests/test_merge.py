@@ -1,0 +1,63 @@
+"""Top-k merge: k identical checkpoints give the checkpoint; two give their mean."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llada_ray.config import TinyModelConfig
+from llada_ray.model import build_tiny_model, load_model
+from llada_ray.model.merge import merge_checkpoints
+
+SMALL = TinyModelConfig(
+    hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64
+)
+
+
+def saved(tokenizer, path: Path, seed: int, shard: str | None = None) -> dict:
+    model = build_tiny_model(SMALL, tokenizer, seed=seed)
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(path, **kwargs)
+    tokenizer.save_pretrained(path)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        out |= load_file(file)
+    return out
+
+
+@pytest.mark.parametrize("shard", [None, "40KB"])
+def test_merge_identical_is_identity_and_two_is_mean(
+    tmp_path: Path, tiny_tokenizer, shard: str | None
+) -> None:
+    a = tmp_path / "a"
+    saved(tiny_tokenizer, a, seed=1, shard=shard)
+    assert (a / "model.safetensors.index.json").exists() == (shard is not None)
+    merge_checkpoints([a, a, a], tmp_path / "same")
+    original, same = weights(a), weights(tmp_path / "same")
+    assert same.keys() == original.keys()
+    for name, tensor in original.items():
+        torch.testing.assert_close(same[name], tensor, rtol=0, atol=1e-7)
+
+    b = tmp_path / "b"
+    saved(tiny_tokenizer, b, seed=2, shard=shard)
+    merge_checkpoints([a, b], tmp_path / "mean")
+    wa, wb, mean = weights(a), weights(b), weights(tmp_path / "mean")
+    for name in wa:
+        torch.testing.assert_close(mean[name], (wa[name] + wb[name]) / 2)
+    model, tokenizer = load_model(tmp_path / "mean")  # a loadable HF checkpoint
+    assert tokenizer.mask_token_id == model.config.mask_token_id
+
+
+def test_merge_refuses_different_architectures(tmp_path: Path, tiny_tokenizer) -> None:
+    saved(tiny_tokenizer, tmp_path / "a", seed=1)
+    other = build_tiny_model(SMALL.model_copy(update={"num_layers": 1}), tiny_tokenizer)
+    other.save_pretrained(tmp_path / "b")
+    with pytest.raises(ValueError, match="does not have the same tensors"):
+        merge_checkpoints([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
