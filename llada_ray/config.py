@@ -211,10 +211,6 @@ class StorageConfig(Strict):
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, …)")
     region: str = "us-east-1"
 
-    @property
-    def is_s3(self) -> bool:
-        return self.root.startswith("s3://")
-
 
 class TrackingConfig(Strict):
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI")

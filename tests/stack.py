@@ -1,8 +1,8 @@
 """The real local stack for tests: a Ray head, a moto S3 server and an MLflow server on loopback.
 
-Each service gets free ports and its own temp dir, runs in a process group of its own, and is
-stopped by signalling exactly that group (never `ray stop --force`, never a kill by name: other
-Ray processes may share the machine).
+Each service gets free ports and its own temp dir, and runs as the leader of a new process group
+whose PID we record; stopping it signals exactly that group and nothing else, since other Ray
+processes may share the machine.
 """
 
 from __future__ import annotations

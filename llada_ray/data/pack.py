@@ -12,11 +12,13 @@ directory without one is an interrupted attempt and is cleared and redone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -390,25 +392,23 @@ def _actor_pool() -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(min_size=1, max_size=cpus, initial_size=cpus)
 
 
-class _bad_row_errors:
+@contextlib.contextmanager
+def _bad_row_errors() -> Iterator[None]:
     """Ray wraps a worker's BadRowError in its own exception: surface ours, with its message."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, err: BaseException | None, tb: object) -> bool:
-        if err is None or isinstance(err, BadRowError):
-            return False
+    try:
+        yield
+    except BadRowError:
+        raise
+    except Exception as err:
         cause: BaseException | None = err
         while cause is not None:
             if isinstance(cause, BadRowError):
                 raise BadRowError(str(cause)) from None
             cause = cause.__cause__ or cause.__context__
         marker = "BadRowError: "
-        text = str(err)
-        if marker in text:
-            raise BadRowError(text.split(marker, 1)[1].splitlines()[0]) from None
-        return False
+        if marker in str(err):
+            raise BadRowError(str(err).split(marker, 1)[1].splitlines()[0]) from None
+        raise
 
 
 def pack_all(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str) -> dict[str, Packed]:
