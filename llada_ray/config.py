@@ -120,9 +120,16 @@ class TrainingStage(Strict):
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
     warmup_steps: Annotated[int, Field(ge=0)] = 10
     grad_clip: PositiveFloat = 1.0
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="after warmup: hold the rate, or cosine-decay it to min_lr_ratio·lr"
+    )
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
     eval_every_steps: PositiveInt = 50
-    checkpoint_every_steps: PositiveInt = 50
-    keep_top_k: PositiveInt = 3
+    eval_rows: PositiveInt = Field(256, description="held-out rows per validation pass")
+    checkpoint_every_steps: PositiveInt = Field(
+        50, description="a checkpoint also runs validation: its loss ranks the top-k"
+    )
+    keep_top_k: PositiveInt = Field(3, description="checkpoints kept by validation loss (+ latest)")
 
 
 class ArPretrainStage(TrainingStage):
@@ -148,9 +155,13 @@ class EmbedNoise(Strict):
 
 
 class CptStage(TrainingStage):
+    """Each phase is its own Ray Train run at a constant rate (the decay is of the block size);
+    the optimizer state carries over from phase to phase, warmup runs in the first only."""
+
     stage: Literal["cpt"] = "cpt"
     phases: list[CptPhase]
-    embed_noise: EmbedNoise = EmbedNoise()
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    embed_noise: EmbedNoise = Field(EmbedNoise(), description="in the first phase's first steps")
     t_min: Rate = 1e-3
     antithetic: bool = True
     weighting: Literal["inv_t", "uniform"] = "inv_t"
@@ -191,6 +202,8 @@ class DpoStage(TrainingStage):
     epochs: PositiveFloat = 1.0
     beta: PositiveFloat = 0.1
     lr: PositiveFloat | None = Field(None, description="None: the previous stage's final rate")
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
     block_size: PositiveInt = 32
     elbo_samples: PositiveInt = 1
     max_len: PositiveInt = 512
@@ -224,6 +237,9 @@ class ScalingConfig(Strict):
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
     offload_optimizer: bool = False
+    max_failures: Annotated[int, Field(ge=0)] = Field(
+        3, description="worker-group restarts from the last checkpoint before a run fails"
+    )
 
     @model_validator(mode="after")
     def _zero_needs_deepspeed(self) -> ScalingConfig:
@@ -259,6 +275,14 @@ class PipelineConfig(Strict):
             )
         if "merge" in kinds and "cpt" not in kinds:
             raise ValueError("stage merge averages CPT checkpoints: it needs a cpt stage")
+        if "merge" in kinds:
+            cpt = stages[kinds.index("cpt")]
+            merge = stages[kinds.index("merge")]
+            if merge.top_k > cpt.keep_top_k + 1:
+                raise ValueError(
+                    f"merge.top_k ({merge.top_k}) exceeds the checkpoints cpt keeps "
+                    f"(keep_top_k {cpt.keep_top_k} + the latest)"
+                )
         data: DataConfig | None = info.data.get("data")
         for i, stage in enumerate(stages):
             if isinstance(stage, CptStage) and data is not None:

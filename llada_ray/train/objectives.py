@@ -1,0 +1,207 @@
+"""One training objective per run kind: what a micro-batch costs. Pure torch (no Ray).
+
+`model` is whatever the strategy wrapped (DDP, FSDP, a DeepSpeed engine) around a DiffusionLM,
+called with the keyword inputs of `model.adapter`; `gen` seeds every random draw (t, masks) so a
+step is a pure function of (seed, run, step, rank, micro-batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from llada_ray.config import CapStage, CptStage, DpoStage, PipelineConfig, SftStage
+from llada_ray.diffusion.losses import (
+    cap_confidence_loss,
+    dpo_elbo_loss,
+    elbo_loss,
+    masked_token_nll,
+    sequence_elbo,
+)
+from llada_ray.diffusion.masks import position_ids_for
+from llada_ray.diffusion.noise import complementary_pairs, forward_mask, sample_mask_rates
+from llada_ray.model.adapter import block_diffusion_inputs, causal_inputs, stable_inputs
+from llada_ray.train.batches import ChatBatch, PackedBatch, dpo_batch, packed_batch, sft_batch
+from llada_ray.train.plan import Unit
+
+Model = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepLoss:
+    loss: torch.Tensor  # scalar to minimise
+    metrics: dict[str, float]  # detached figures for logging (summed over ranks as means)
+    tokens: int  # real tokens in the micro-batch (throughput)
+
+
+def ar_loss(model: Model, batch: PackedBatch, restart_positions: bool) -> StepLoss:
+    """Next-token cross-entropy inside each document (the AR model CPT converts)."""
+    positions = position_ids_for(batch.doc_ids, restart_positions)
+    logits = model(**causal_inputs(batch.input_ids, batch.doc_ids, positions))
+    same_doc = batch.doc_ids[:, 1:] == batch.doc_ids[:, :-1]
+    keep = same_doc & batch.valid[:, 1:]
+    loss = masked_token_nll(logits[:, :-1], batch.input_ids[:, 1:], keep).sum() / keep.sum()
+    return StepLoss(loss, {"loss": loss.item()}, batch.tokens)
+
+
+def cpt_loss(
+    model: Model,
+    batch: PackedBatch,
+    stage: CptStage,
+    block_size: int,
+    mask_id: int,
+    gen: torch.Generator,
+    *,
+    restart_positions: bool,
+    embed_noise_std: float = 0.0,
+) -> StepLoss:
+    """Block-diffusion ELBO at `block_size`; at block = L the stable phase (xt alone).
+
+    With `shift_labels` (Dream / Fast-dLLM v2 style) the logits at position i predict token i+1,
+    which is the one masked in the input; targets never cross a document boundary.
+    """
+    x0, doc = batch.input_ids, batch.doc_ids
+    maskable = batch.valid.clone()
+    if stage.shift_labels:
+        maskable[:, 0] = False
+        maskable[:, 1:] &= doc[:, 1:] == doc[:, :-1]
+    t = sample_mask_rates(len(x0), t_min=stage.t_min, antithetic=stage.antithetic, generator=gen)
+    noised = forward_mask(x0, t, maskable, mask_id, gen)
+    positions = position_ids_for(doc, restart_positions)
+    if block_size == x0.shape[1]:
+        inputs = stable_inputs(noised.xt, doc, positions)
+    else:
+        inputs = block_diffusion_inputs(noised.xt, x0, doc, positions, block_size)
+    logits = model(**inputs, embed_noise_std=embed_noise_std)
+    targets, masked = x0, noised.masked
+    if stage.shift_labels:
+        logits, targets = logits[:, :-1], x0[:, 1:]
+        masked, maskable = masked[:, 1:], maskable[:, 1:]
+    elbo = elbo_loss(logits, targets, masked, t, maskable=maskable, weighting=stage.weighting)
+    metrics = {
+        "loss": elbo.loss.item(),
+        "masked_ratio": (masked.sum() / maskable.sum().clamp(min=1)).item(),
+    }
+    return StepLoss(elbo.loss, metrics, batch.tokens)
+
+
+def sft_loss(
+    model: Model,
+    batch: ChatBatch,
+    stage: SftStage,
+    mask_id: int,
+    gen: torch.Generator,
+) -> StepLoss:
+    """Response-only BD ELBO with t in [t_min, t_max]; complementary pairs side by side.
+
+    For CAP, plus λ · the entropy of the masked predictions that are already right.
+    """
+    x0, doc, maskable = batch.input_ids, batch.doc_ids, batch.maskable
+    t = sample_mask_rates(len(x0), t_min=stage.t_min, t_max=stage.t_max, generator=gen)
+    if stage.complementary:
+        noised = complementary_pairs(x0, t, maskable, mask_id, gen)
+        x0, doc, maskable = (x.repeat_interleave(2, 0) for x in (x0, doc, maskable))
+    else:
+        noised = forward_mask(x0, t, maskable, mask_id, gen)
+    positions = position_ids_for(doc, True)
+    logits = model(**block_diffusion_inputs(noised.xt, x0, doc, positions, stage.block_size))
+    elbo = elbo_loss(
+        logits,
+        x0,
+        noised.masked,
+        noised.t,
+        maskable=maskable,
+        weighting=stage.weighting,
+        normalization=stage.normalization,
+    )
+    loss = elbo.loss
+    metrics = {
+        "elbo": elbo.loss.item(),
+        "masked_ratio": (noised.masked.sum() / maskable.sum().clamp(min=1)).item(),
+    }
+    if isinstance(stage, CapStage):
+        entropy = cap_confidence_loss(logits, x0, noised.masked)
+        loss = loss + stage.cap_lambda * entropy
+        metrics["cap_entropy"] = entropy.item()
+    metrics["loss"] = loss.item()
+    return StepLoss(loss, metrics, batch.tokens)
+
+
+def dpo_loss(
+    model: Model,
+    reference: Model,
+    batch: ChatBatch,
+    stage: DpoStage,
+    mask_id: int,
+    gen: torch.Generator,
+) -> StepLoss:
+    """ELBO-DPO: `batch` holds b chosen then b rejected sequences. Policy and frozen reference
+    see the same (t, mask) draws (VRPO), averaged over `elbo_samples` draws."""
+    x0, doc, maskable = batch.input_ids, batch.doc_ids, batch.maskable
+    positions = position_ids_for(doc, True)
+    policy, ref = 0.0, 0.0
+    for _ in range(stage.elbo_samples):
+        t = sample_mask_rates(len(x0), generator=gen)
+        noised = forward_mask(x0, t, maskable, mask_id, gen)
+        inputs = block_diffusion_inputs(noised.xt, x0, doc, positions, stage.block_size)
+        policy = policy + sequence_elbo(model(**inputs), x0, noised.masked, t)
+        with torch.no_grad():
+            ref = ref + sequence_elbo(reference(**inputs), x0, noised.masked, t)
+    policy, ref = policy / stage.elbo_samples, ref / stage.elbo_samples
+    b = len(x0) // 2
+    out = dpo_elbo_loss(policy[:b], policy[b:], ref[:b], ref[b:], stage.beta)
+    metrics = {
+        "loss": out.loss.item(),
+        "reward_margin": out.reward_margin.item(),
+        "reward_accuracy": out.accuracy.item(),
+    }
+    return StepLoss(out.loss, metrics, batch.tokens)
+
+
+Objective = Callable[[Model, dict[str, list], torch.Generator, int], StepLoss]
+
+
+def objective_for(
+    unit: Unit,
+    cfg: PipelineConfig,
+    mask_id: int,
+    pad_id: int,
+    *,
+    reference: Model | None = None,
+    embed_noise: Callable[[int], float] = lambda step: 0.0,
+) -> Objective:
+    """The run's objective as f(model, stored rows, generator, step) -> StepLoss."""
+    restart = cfg.data.restart_positions
+    stage = unit.stage
+    if unit.objective == "ar":
+        return lambda model, rows, gen, step: ar_loss(model, packed_batch(rows), restart)
+    if unit.objective in ("bd", "stable"):
+        assert isinstance(stage, CptStage) and unit.block_size is not None
+        block_size = unit.block_size
+
+        def cpt(model: Model, rows: dict[str, list], gen: torch.Generator, step: int) -> StepLoss:
+            return cpt_loss(
+                model,
+                packed_batch(rows),
+                stage,
+                block_size,
+                mask_id,
+                gen,
+                restart_positions=restart,
+                embed_noise_std=embed_noise(step),
+            )
+
+        return cpt
+    if unit.objective in ("sft", "cap"):
+        assert isinstance(stage, SftStage)
+        return lambda model, rows, gen, step: sft_loss(
+            model, sft_batch(rows, pad_id), stage, mask_id, gen
+        )
+    if unit.objective == "dpo":
+        assert isinstance(stage, DpoStage) and reference is not None
+        return lambda model, rows, gen, step: dpo_loss(
+            model, reference, dpo_batch(rows, pad_id), stage, mask_id, gen
+        )
+    raise ValueError(f"run {unit.name!r} ({unit.objective}) does not train")

@@ -1,0 +1,132 @@
+"""A pipeline config as the ordered list of runs it trains: one per stage, one per CPT phase.
+
+Each `Unit` is one Ray Train run (or, for merge, one file operation) and starts from the output of
+the unit before it. Pure Python: the CLI and the jobs plan without importing torch or Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from llada_ray.config import (
+    ArPretrainStage,
+    CapStage,
+    CptStage,
+    DpoStage,
+    MergeStage,
+    PipelineConfig,
+    SftStage,
+    TrainingStage,
+)
+from llada_ray.diffusion.schedule import plan_phases
+
+Objective = Literal["ar", "bd", "stable", "sft", "cap", "dpo", "merge"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str  # "ar_pretrain", "cpt-<phase>", "merge", "sft", "cap", "dpo"
+    objective: Objective
+    stage: ArPretrainStage | CptStage | MergeStage | SftStage | CapStage | DpoStage
+    data: str | None  # key of the packed data it reads (see data.pack.pack_all)
+    block_size: int | None = None
+    tokens: int | None = None  # token budget (ar, cpt); None: epochs over the rows
+    lr: float | None = None
+    first_of_stage: bool = True  # warmup, embedding noise; later CPT phases carry state on
+
+    @property
+    def training(self) -> TrainingStage | None:
+        return self.stage if isinstance(self.stage, TrainingStage) else None
+
+    @property
+    def carries_optimizer(self) -> bool:
+        """CPT phases continue the previous phase's optimizer; every other run starts afresh."""
+        return self.objective in ("bd", "stable") and not self.first_of_stage
+
+
+def chat_data(kind: str, block_size: int, max_len: int) -> str:
+    return f"{kind}-b{block_size}-n{max_len}"
+
+
+def units(cfg: PipelineConfig) -> list[Unit]:
+    out: list[Unit] = []
+    for stage in cfg.stages:
+        if isinstance(stage, ArPretrainStage):
+            out.append(Unit("ar_pretrain", "ar", stage, "pretrain", 1, stage.tokens, stage.lr))
+        elif isinstance(stage, CptStage):
+            phases = [(p.name, p.block_size, p.tokens, p.lr) for p in stage.phases]
+            for i, phase in enumerate(plan_phases(phases, cfg.data.seq_len)):
+                objective: Objective = "stable" if phase.kind == "stable" else "bd"
+                out.append(
+                    Unit(
+                        f"cpt-{phase.name}",
+                        objective,
+                        stage,
+                        "pretrain",
+                        phase.block_size,
+                        phase.tokens,
+                        phase.lr,
+                        first_of_stage=i == 0,
+                    )
+                )
+        elif isinstance(stage, MergeStage):
+            out.append(Unit("merge", "merge", stage, None))
+        elif isinstance(stage, DpoStage):
+            lr = stage.lr if stage.lr is not None else _final_lr(out)
+            data = chat_data("dpo", stage.block_size, stage.max_len)
+            out.append(Unit("dpo", "dpo", stage, data, stage.block_size, None, lr))
+        else:  # SftStage or CapStage
+            data = chat_data("sft", stage.block_size, stage.max_len)
+            unit = Unit(stage.stage, stage.stage, stage, data, stage.block_size, None, stage.lr)
+            out.append(unit)
+    return out
+
+
+def _final_lr(before: list[Unit]) -> float:
+    """The rate the last training run ended on (DPO starts there, RECIPE.md §4)."""
+    for unit in reversed(before):
+        if unit.training is not None and unit.lr is not None:
+            if unit.training.lr_schedule == "cosine":
+                return unit.lr * unit.training.min_lr_ratio
+            return unit.lr
+    raise ValueError("stage dpo without lr needs a training stage before it to take the rate from")
+
+
+def find_unit(cfg: PipelineConfig, name: str) -> Unit:
+    plan = units(cfg)
+    for unit in plan:
+        if unit.name == name:
+            return unit
+    raise ValueError(f"no run named {name!r} in pipeline {cfg.name!r}: {[u.name for u in plan]}")
+
+
+def previous_unit(cfg: PipelineConfig, unit: Unit) -> Unit | None:
+    plan = units(cfg)
+    i = [u.name for u in plan].index(unit.name)
+    return plan[i - 1] if i else None
+
+
+def total_steps(unit: Unit, cfg: PipelineConfig, train_rows: int, world_size: int) -> int:
+    """Optimizer steps of a run: its token budget, or epochs over the training rows."""
+    stage = unit.training
+    assert stage is not None, unit.name
+    global_batch = stage.micro_batch_size * stage.grad_accumulation * max(world_size, 1)
+    if unit.tokens is not None:
+        return max(1, math.ceil(unit.tokens / (global_batch * cfg.data.seq_len)))
+    return max(1, math.ceil(stage.epochs * train_rows / global_batch))  # type: ignore[union-attr]
+
+
+def learning_rate(unit: Unit, step: int, steps: int) -> float:
+    """Rate for optimizer step `step` (0-based): linear warmup, then constant or cosine."""
+    stage = unit.training
+    assert stage is not None and unit.lr is not None, unit.name
+    warmup = stage.warmup_steps if unit.first_of_stage else 0
+    if step < warmup:
+        return unit.lr * (step + 1) / warmup
+    if stage.lr_schedule == "constant":
+        return unit.lr
+    progress = (step - warmup) / max(1, steps - warmup - 1)
+    floor = unit.lr * stage.min_lr_ratio
+    return floor + (unit.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))

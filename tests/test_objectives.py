@@ -1,0 +1,156 @@
+"""Training objectives, plan and sample order: pure torch / Python, no Ray."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from llada_ray.config import CptStage, PipelineConfig, TinyModelConfig, load_config
+from llada_ray.diffusion.losses import masked_token_nll
+from llada_ray.diffusion.masks import position_ids_for
+from llada_ray.model import DiffusionLM, build_tiny_model
+from llada_ray.model.adapter import block_diffusion_inputs, causal_inputs, stable_inputs
+from llada_ray.train.batches import RowStore, micro_batch_index, packed_batch
+from llada_ray.train.objectives import cpt_loss
+from llada_ray.train.plan import find_unit, learning_rate, total_steps, units
+
+L = 48
+
+
+@pytest.fixture(scope="module")
+def dlm(tiny_tokenizer) -> DiffusionLM:
+    tiny = TinyModelConfig(hidden_size=64, num_layers=2, intermediate_size=128)
+    hf = build_tiny_model(tiny, tiny_tokenizer, seed=3)
+    return DiffusionLM(hf, attention="dense").eval()
+
+
+def _rows(tokenizer, n: int = 2) -> dict[str, list]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, len(tokenizer) - 1, (n, L), generator=gen)
+    docs = (torch.arange(L) >= 20).long() + (torch.arange(L) >= 37).long()
+    return {
+        "input_ids": list(ids.numpy()),
+        "doc_ids": [docs.numpy()] * n,
+        "num_tokens": [L] * n,
+    }
+
+
+def test_block_one_reads_an_ar_model_exactly_where_the_context_is_clean(dlm, tiny_tokenizer):
+    """At block size 1 a noisy query sees its own token and the clean tokens before it: the AR
+    model's view. So wherever xt is unmasked, BD logits equal the AR model's logits. With the AR
+    shift (shift_labels) a masked token is predicted from the previous position, so its loss is
+    the AR next-token loss whenever that previous token is unmasked. Without the shift (LLaDA2)
+    the query is the mask token itself at position i, which the AR model never saw: the b1 start
+    is not the AR loss; the warmup phase exists to teach exactly that."""
+    batch = packed_batch(_rows(tiny_tokenizer))
+    x0, doc = batch.input_ids, batch.doc_ids
+    pos = position_ids_for(doc, True)
+    masked = torch.zeros_like(x0, dtype=torch.bool)
+    masked[:, 3::4] = True
+    xt = torch.where(masked, dlm.mask_token_id, x0)
+    with torch.no_grad():
+        ar = dlm(**causal_inputs(x0, doc, pos))
+        bd = dlm(**block_diffusion_inputs(xt, x0, doc, pos, 1))
+    clean = ~masked
+    torch.testing.assert_close(bd[clean], ar[clean], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(bd[masked], ar[masked], atol=1e-3)  # the mask token differs
+
+    # Shifted loss at masked targets i (predecessor i-1 clean, same document) == AR loss at i.
+    target = masked[:, 1:] & (doc[:, 1:] == doc[:, :-1])
+    bd_nll = masked_token_nll(bd[:, :-1], x0[:, 1:], target)
+    ar_nll = masked_token_nll(ar[:, :-1], x0[:, 1:], target)
+    torch.testing.assert_close(bd_nll, ar_nll, rtol=1e-5, atol=1e-5)
+    assert target.sum() > 10
+
+
+def test_stable_phase_drops_the_clean_half_exactly(dlm, tiny_tokenizer):
+    """At block = L no noisy query may see a clean key (only strictly earlier blocks), so the
+    stable phase's xt-only pass gives the BD pass's logits at half the tokens."""
+    batch = packed_batch(_rows(tiny_tokenizer))
+    stage = CptStage(phases=[{"name": "s", "block_size": L, "tokens": 1, "lr": 1.0}])
+    with torch.no_grad():
+        out = cpt_loss(
+            dlm,
+            batch,
+            stage,
+            L,
+            dlm.mask_token_id,
+            torch.Generator().manual_seed(1),
+            restart_positions=True,
+        )
+        gen = torch.Generator().manual_seed(1)
+        pos = position_ids_for(batch.doc_ids, True)
+        xt = torch.where(
+            torch.rand(batch.input_ids.shape, generator=gen) < 0.5,
+            dlm.mask_token_id,
+            batch.input_ids,
+        )
+        stable = dlm(**stable_inputs(xt, batch.doc_ids, pos))
+        bd = dlm(**block_diffusion_inputs(xt, batch.input_ids, batch.doc_ids, pos, L))
+    torch.testing.assert_close(stable, bd, rtol=1e-5, atol=1e-5)
+    assert 0 < out.metrics["masked_ratio"] < 1 and out.loss.item() > 0
+
+
+def test_tiny_plan_runs_and_rates() -> None:
+    cfg = load_config("configs/tiny.yaml")
+    names = [u.name for u in units(cfg)]
+    assert names[0] == "ar_pretrain" and names[-4:] == ["merge", "sft", "cap", "dpo"]
+    phases = [u for u in units(cfg) if u.name.startswith("cpt-")]
+    assert [u.objective for u in phases].count("stable") == 1
+    assert phases[0].first_of_stage and not phases[1].first_of_stage
+    assert phases[1].carries_optimizer and not phases[0].carries_optimizer
+    cap = find_unit(cfg, "cap")
+    dpo = find_unit(cfg, "dpo")
+    assert dpo.lr == pytest.approx(cap.lr * cap.stage.min_lr_ratio)  # DPO starts at CAP's end
+
+    ar = find_unit(cfg, "ar_pretrain")
+    steps = total_steps(ar, cfg, train_rows=0, world_size=2)
+    assert steps == -(-4_000_000 // (16 * 2 * 256))
+    rates = [learning_rate(ar, s, steps) for s in range(steps)]
+    assert rates[0] == pytest.approx(ar.lr / 10) and max(rates) == pytest.approx(ar.lr)
+    assert rates[-1] == pytest.approx(ar.lr * 0.1)
+    assert all(a >= b for a, b in itertools.pairwise(rates[10:]))
+    later = phases[3]
+    assert learning_rate(later, 0, 100) == later.lr  # no warmup after the first phase
+
+
+def test_dpo_needs_a_rate_from_somewhere() -> None:
+    raw = {"name": "x", "tokenizer": {"source": "train"}, "stages": [{"stage": "dpo"}]}
+    with pytest.raises(ValueError, match="dpo without lr"):
+        units(PipelineConfig.model_validate(raw))
+
+
+def test_samples_cover_each_training_row_once_per_epoch(tmp_path) -> None:
+    table = pa.table({"x": np.arange(103)})
+    (tmp_path / "shards").mkdir()
+    pq.write_table(table.slice(0, 50), tmp_path / "shards/a.parquet")
+    pq.write_table(table.slice(50), tmp_path / "shards/b.parquet")
+    manifest = {"shards": [{"file": "shards/a.parquet"}, {"file": "shards/b.parquet"}]}
+    (tmp_path / "manifest.json").write_text(__import__("json").dumps(manifest))
+    store = RowStore(pafs.LocalFileSystem(), str(tmp_path), validation_fraction=0.1)
+    assert set(store.train_ids).isdisjoint(store.val_ids)
+    assert len(store.train_ids) + len(store.val_ids) == 103 and len(store.val_ids) == 10
+
+    # 2 ranks × 2 micro-batches × 3 rows per step: the ranks' slices tile the global batch.
+    world, micro, accum = 2, 3, 2
+    taken = [
+        micro_batch_index(step, m, r, world, micro, accum)
+        for step in range(20)
+        for m in range(accum)
+        for r in range(world)
+    ]
+    flat = np.concatenate(taken)
+    assert sorted(flat) == list(range(20 * world * micro * accum))
+    rows = store.train_sample(seed=5, index=flat)
+    n = len(store.train_ids)
+    for epoch in range(len(flat) // n):
+        assert sorted(rows[epoch * n : (epoch + 1) * n]) == sorted(store.train_ids)
+    assert list(store.rows(rows[:4])["x"]) == list(rows[:4])
+    # A pure function of the index: a resumed run asks again and gets the same rows.
+    np.testing.assert_array_equal(store.train_sample(5, flat[37:41]), rows[37:41])
