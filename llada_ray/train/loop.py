@@ -1,0 +1,307 @@
+"""The one training loop every Ray Train worker runs, for every stage (see train.plan).
+
+A step is a pure function of (weights, optimizer state, seed, run, step, rank): the samples come
+from their global index (train.batches) and every random draw from a generator seeded by
+(seed, step, rank, micro-batch). So a run restarted from its checkpoint at step s continues
+exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+
+from llada_ray.config import CptStage, PipelineConfig
+from llada_ray.data.corpus import load_tokenizer
+from llada_ray.diffusion.noise import embedding_noise_std
+from llada_ray.model import DiffusionLM, build_tiny_model, embedding_rms, load_model
+from llada_ray.storage import storage_root
+from llada_ray.train import checkpoint
+from llada_ray.train.batches import RowStore, micro_batch_index
+from llada_ray.train.engine import Engine, build_engine
+from llada_ray.train.objectives import Objective, objective_for
+from llada_ray.train.plan import Unit, find_unit, learning_rate, total_steps
+
+
+def _seed(*parts: object) -> int:
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _all_mean(values: dict[str, float]) -> dict[str, float]:
+    """Mean of each figure over the ranks (keys are the same on every rank)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / dist.get_world_size()).tolist(), strict=True))
+
+
+@dataclass
+class Position:
+    """Where a run stands; stored in every checkpoint manifest."""
+
+    step: int = 0
+    samples: int = 0
+    tokens: int = 0
+    embed_noise_std: float = 0.0
+    checkpoint_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class MetricLog:
+    """Rank 0 → MLflow over the tracking URI, by global step; a no-op elsewhere / untracked."""
+
+    def __init__(self, tracking: dict | None, rank: int) -> None:
+        self.client, self.run_id = None, None
+        if tracking and rank == 0:
+            from mlflow.tracking import MlflowClient
+
+            self.client, self.run_id = MlflowClient(tracking["uri"]), tracking["run_id"]
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+
+def _initial_model(cfg: PipelineConfig, payload: dict, tokenizer, fs) -> DiffusionLM:
+    """The weights a run starts from: the previous run's output, or the configured source."""
+    init = payload.get("init")
+    if init:
+        fetched = checkpoint.fetch(fs, init)
+        if fetched is None:
+            raise RuntimeError(f"the checkpoint to start from, {init}, does not verify")
+        hf, _ = load_model(fetched.local, mask_token=cfg.model.mask_token)
+        fetched.cleanup()
+    elif cfg.model.is_tiny:
+        hf = build_tiny_model(cfg.model.tiny, tokenizer, seed=cfg.seed)
+    else:
+        hf, _ = load_model(
+            cfg.model.source,
+            mask_token=cfg.model.mask_token,
+            trust_remote_code=cfg.model.trust_remote_code,
+            dtype=cfg.model.dtype,
+        )
+    return DiffusionLM(hf, cfg.model.attention, cfg.model.attention_tile)
+
+
+def _restore(fs, run_path: str) -> checkpoint.Fetched | None:
+    """Rank 0 picks the newest checkpoint that verifies; every rank then loads that one."""
+    chosen = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        found = checkpoint.latest(fs, run_path)
+        chosen = [found.path if found else None]
+        if found:
+            found.cleanup()
+    if dist.is_initialized():
+        dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] is None:
+        return None
+    fetched = checkpoint.fetch(fs, chosen[0])
+    if fetched is None:
+        raise RuntimeError(f"checkpoint {chosen[0]} stopped verifying while being loaded")
+    return fetched
+
+
+def train_loop(payload: dict) -> None:
+    cfg = PipelineConfig.model_validate(payload["config"])
+    unit = find_unit(cfg, payload["unit"])
+    stage = unit.training
+    assert stage is not None and unit.lr is not None
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    fs, _ = storage_root(cfg.storage)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(fs, payload["tokenizer"])
+
+    restored = _restore(fs, payload["run_path"])
+    if restored:
+        hf, _ = load_model(restored.local, mask_token=cfg.model.mask_token)
+        dlm = DiffusionLM(hf, cfg.model.attention, cfg.model.attention_tile)
+        m = restored.manifest
+        pos = Position(
+            m["step"], m["samples"], m["tokens"], m["embed_noise_std"], m["checkpoint_seconds"]
+        )
+    else:
+        dlm = _initial_model(cfg, payload, tokenizer, fs)
+        noise = stage.embed_noise if isinstance(stage, CptStage) and unit.first_of_stage else None
+        base = 0.0
+        if noise and noise.steps:
+            base = embedding_rms(dlm.hf) if noise.std == "embedding_rms" else noise.std
+        pos = Position(embed_noise_std=base)
+    reference = None
+    if unit.objective == "dpo":
+        reference = _initial_model(cfg, payload, tokenizer, fs).eval().requires_grad_(False)
+
+    engine = build_engine(dlm, cfg.scaling, stage, unit.lr)
+    if restored:
+        engine.load_state(restored.local)
+        restored.cleanup()
+    elif unit.carries_optimizer and payload.get("init"):
+        init = checkpoint.fetch(fs, payload["init"])
+        assert init is not None
+        engine.load_state(init.local)
+        init.cleanup()
+
+    store = RowStore(fs, payload["data"], cfg.data.validation_fraction)
+    steps = total_steps(unit, cfg, len(store.train_ids), world)
+    noise_steps = stage.embed_noise.steps if isinstance(stage, CptStage) else 0
+    objective = objective_for(
+        unit,
+        cfg,
+        dlm.mask_token_id,
+        tokenizer.pad_token_id,
+        reference=reference,
+        embed_noise=lambda s: embedding_noise_std(s, noise_steps, pos.embed_noise_std),
+    )
+    metrics_log = MetricLog(payload.get("tracking"), rank)
+    run_seed = _seed(cfg.seed, unit.name)
+
+    def validate() -> dict[str, float]:
+        return _validate(engine, objective, store, stage, rank, world, run_seed)
+
+    if pos.step == 0:
+        metrics_log.log({f"val_{k}": v for k, v in validate().items()}, 0)
+
+    while pos.step < steps:
+        started = time.perf_counter()
+        engine.set_lr(learning_rate(unit, pos.step, steps))
+        sums: dict[str, float] = {}
+        tokens = 0
+        for micro in range(stage.grad_accumulation):
+            index = micro_batch_index(
+                pos.step, micro, rank, world, stage.micro_batch_size, stage.grad_accumulation
+            )
+            rows = store.rows(store.train_sample(run_seed, index))
+            torch.manual_seed(_seed(run_seed, pos.step, rank, micro))  # e.g. embedding noise
+            gen = torch.Generator().manual_seed(_seed(run_seed, pos.step, rank, micro, "t"))
+            out = objective(engine.model, rows, gen, pos.step)
+            engine.backward(out.loss)
+            tokens += out.tokens
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / stage.grad_accumulation
+        grad_norm = engine.finish_step()
+        figures = _all_mean({**sums, "tokens": float(tokens)})
+        step_tokens = int(figures.pop("tokens") * world)
+        pos.step += 1
+        pos.samples += stage.micro_batch_size * stage.grad_accumulation * world
+        pos.tokens += step_tokens
+        elapsed = time.perf_counter() - started
+        figures |= {
+            "lr": learning_rate(unit, pos.step - 1, steps),
+            "grad_norm": grad_norm,
+            "tokens_per_s": step_tokens / elapsed,
+            "tokens_seen": pos.tokens,
+            "block_size": unit.block_size or 0,
+        }
+        if pos.step <= noise_steps:
+            figures["embed_noise_std"] = embedding_noise_std(
+                pos.step - 1, noise_steps, pos.embed_noise_std
+            )
+        at_checkpoint = pos.step % stage.checkpoint_every_steps == 0 or pos.step == steps
+        if at_checkpoint or pos.step % stage.eval_every_steps == 0:
+            figures |= {f"val_{k}": v for k, v in validate().items()}
+        metrics_log.log(figures, pos.step)
+        if at_checkpoint:
+            _save(engine, tokenizer, pos, figures, unit, cfg, steps, rank, world)
+            metrics_log.log({"checkpoint_seconds": pos.checkpoint_seconds}, pos.step)
+
+
+def _validate(
+    engine: Engine,
+    objective: Objective,
+    store: RowStore,
+    stage,
+    rank: int,
+    world: int,
+    run_seed: int,
+) -> dict[str, float]:
+    """Mean metrics over held-out rows, with fixed noise draws so passes are comparable.
+
+    Every rank runs the same number of batches (sharded models run collectives in forward).
+    """
+    ids = store.val_ids if len(store.val_ids) else store.train_ids
+    micro = stage.micro_batch_size
+    batches = max(1, min(stage.eval_rows, len(ids)) // (micro * world))
+    sums: dict[str, float] = {}
+    engine.model.eval()
+    with torch.no_grad():
+        for b in range(batches):
+            start = (b * world + rank) * micro
+            rows = store.rows(ids[np.arange(start, start + micro) % len(ids)])
+            gen = torch.Generator().manual_seed(_seed(run_seed, "val", b, rank))
+            out = objective(engine.model, rows, gen, 1 << 30)  # past the embedding noise
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / batches
+    engine.model.train()
+    return _all_mean(sums)
+
+
+def _save(
+    engine: Engine,
+    tokenizer,
+    pos: Position,
+    figures: dict[str, float],
+    unit: Unit,
+    cfg: PipelineConfig,
+    steps: int,
+    rank: int,
+    world: int,
+) -> None:
+    """Write this rank's part of the checkpoint, the manifest (rank 0, last) and report it."""
+    started = time.perf_counter()
+    local = Path(tempfile.mkdtemp(prefix="llada-save-"))  # Ray deletes it after the upload
+    state = engine.hf_state_dict()
+    if rank == 0:
+        engine.dlm.hf.save_pretrained(local, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(local)
+    engine.save_state(local)
+    files = checkpoint.describe_files(local)
+    if dist.is_initialized() and world > 1:
+        parts: list = [None] * world
+        dist.all_gather_object(parts, files)
+        files = {k: v for part in parts for k, v in part.items()}
+    val_loss = figures.get("val_loss", float("nan"))
+    if rank == 0:
+        checkpoint.write_manifest(
+            local,
+            files,
+            {
+                "run": unit.name,
+                "pipeline": cfg.name,
+                "objective": unit.objective,
+                "block_size": unit.block_size,
+                "step": pos.step,
+                "steps": steps,
+                "final": pos.step == steps,
+                "samples": pos.samples,
+                "tokens": pos.tokens,
+                "val_loss": val_loss,
+                "world_size": world,
+                "strategy": cfg.scaling.strategy,
+                "embed_noise_std": pos.embed_noise_std,
+                "checkpoint_seconds": pos.checkpoint_seconds + (time.perf_counter() - started),
+                "created": time.time(),
+            },
+        )
+    ray.train.report(
+        {"step": pos.step, "val_loss": val_loss, "tokens": pos.tokens},
+        checkpoint=ray.train.Checkpoint.from_directory(str(local)) if files else None,
+        checkpoint_dir_name=checkpoint.checkpoint_name(pos.step),
+        checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+    )
+    pos.checkpoint_seconds += time.perf_counter() - started

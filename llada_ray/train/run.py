@@ -1,0 +1,247 @@
+"""The driver side of a run: data, input checkpoint, MLflow, then a TorchTrainer (or the merge).
+
+Storage layout under `<storage.root>/<pipeline>/`:
+  tokenizer/, data/…            the run's tokenizer and packed data (#3)
+  train/<run>/checkpoint_<step> Ray Train's checkpoints of each run (top-k by val loss + latest)
+  models/merge/                 the merged CPT checkpoint
+A run starts from the output of the run before it in the plan: a training run's final
+checkpoint, or the merged model. Submitting a finished run again trains nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from llada_ray import tracking
+from llada_ray.config import PipelineConfig
+from llada_ray.data.pack import pack_all
+from llada_ray.model.merge import merge_checkpoints
+from llada_ray.storage import storage_root
+from llada_ray.train import checkpoint
+from llada_ray.train.loop import train_loop
+from llada_ray.train.plan import Unit, previous_unit, units
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    unit: str
+    output: str  # storage path of the run's output checkpoint
+    manifest: dict
+    trained: bool  # False when it was already done
+    seconds: float
+
+
+def pipeline_root(cfg: PipelineConfig) -> tuple[pafs.FileSystem, str]:
+    fs, root = storage_root(cfg.storage)
+    return fs, f"{root}/{cfg.name}"
+
+
+def run_path(run_root: str, unit: Unit) -> str:
+    return f"{run_root}/train/{unit.name}"
+
+
+def merge_path(run_root: str) -> str:
+    return f"{run_root}/models/merge"
+
+
+def output_of(fs: pafs.FileSystem, run_root: str, unit: Unit) -> checkpoint.Fetched | None:
+    """The verified output of a finished run, or None if it has not finished."""
+    if unit.objective == "merge":
+        return checkpoint.fetch(fs, merge_path(run_root))
+    found = checkpoint.latest(fs, run_path(run_root, unit))
+    if found is not None and not found.manifest.get("final"):
+        found.cleanup()
+        return None
+    return found
+
+
+def _input_of(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, unit: Unit) -> str | None:
+    before = previous_unit(cfg, unit)
+    if before is None:
+        return None
+    out = output_of(fs, run_root, before)
+    if out is None:
+        raise RuntimeError(
+            f"run {unit.name!r} starts from {before.name!r}, which has not finished: run it first"
+        )
+    out.cleanup()
+    return out.path
+
+
+def run_unit(cfg: PipelineConfig, unit: Unit, parent_run_id: str | None = None) -> RunOutcome:
+    """Run one unit of the plan to completion (resuming it if it was interrupted)."""
+    started = time.perf_counter()
+    fs, run_root = pipeline_root(cfg)
+    done = output_of(fs, run_root, unit)
+    if done is not None:
+        done.cleanup()
+        return RunOutcome(unit.name, done.path, done.manifest, False, 0.0)
+    init = _input_of(cfg, fs, run_root, unit)
+    if unit.objective == "merge":
+        mlflow_run = tracking.start_run(
+            cfg, unit.name, {"stage": unit.stage.model_dump(mode="json")}, parent_run_id
+        )
+        manifest = merge_top_k(cfg, fs, run_root)
+        tracking.finish_run(cfg, mlflow_run, manifest)
+        seconds = time.perf_counter() - started
+        return RunOutcome(unit.name, merge_path(run_root), manifest, True, seconds)
+
+    packed = pack_all(cfg, fs, run_root)
+    params = {
+        "run": {
+            "name": unit.name,
+            "objective": unit.objective,
+            "block_size": unit.block_size,
+            "tokens": unit.tokens,
+            "lr": unit.lr,
+            "init": init,
+        },
+        "stage": unit.stage.model_dump(mode="json", exclude={"phases"}),
+        "scaling": cfg.scaling.model_dump(mode="json"),
+        "model": cfg.model.source,
+        "seq_len": cfg.data.seq_len,
+        "seed": cfg.seed,
+    }
+    mlflow_run = tracking.start_run(cfg, unit.name, params, parent_run_id)
+    payload = {
+        "config": cfg.model_dump(mode="json"),
+        "unit": unit.name,
+        "run_path": run_path(run_root, unit),
+        "init": init,
+        "tokenizer": f"{run_root}/tokenizer",
+        "data": packed[unit.data].path,
+        "tracking": {"uri": tracking.resolve_uri(cfg.tracking.uri), "run_id": mlflow_run},
+    }
+    stage = unit.training
+    assert stage is not None
+    scaling = cfg.scaling
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=unit.name,
+            storage_path=f"{run_root}/train",
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=stage.keep_top_k,
+                checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min",
+            ),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracking.finish_run(cfg, mlflow_run, None, failed=True)
+        raise
+    out = output_of(fs, run_root, unit)
+    if result.error is not None or out is None:
+        tracking.finish_run(cfg, mlflow_run, None, failed=True)
+        raise RuntimeError(f"run {unit.name!r} did not finish: {result.error}")
+    out.cleanup()
+    tracking.finish_run(cfg, mlflow_run, out.manifest)
+    return RunOutcome(unit.name, out.path, out.manifest, True, time.perf_counter() - started)
+
+
+def merge_top_k(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str) -> dict:
+    """Average the k checkpoints of the last CPT phase with the lowest validation loss.
+
+    The last phase trains at the block size used for decoding, so its validation losses are
+    comparable; its top-k (+ latest) are what Ray Train kept.
+    """
+    plan = units(cfg)
+    merge = next(u for u in plan if u.objective == "merge")
+    last_cpt = [u for u in plan if u.objective in ("bd", "stable")][-1]
+    candidates = [
+        (m["val_loss"], path, m)
+        for path, m in checkpoint.read_manifests(fs, run_path(run_root, last_cpt))
+        if isinstance(m.get("val_loss"), float) and math.isfinite(m["val_loss"])
+    ]
+    chosen: list[checkpoint.Fetched] = []
+    for _, path, _ in sorted(candidates, key=lambda c: (c[0], c[1])):
+        fetched = checkpoint.fetch(fs, path)
+        if fetched is not None:
+            chosen.append(fetched)
+        if len(chosen) == merge.stage.top_k:
+            break
+    if not chosen:
+        raise RuntimeError(f"no verified checkpoint of {last_cpt.name!r} to merge")
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            merge_checkpoints([c.local for c in chosen], Path(out))
+            manifest = {
+                "run": "merge",
+                "pipeline": cfg.name,
+                "final": True,
+                "sources": [
+                    {"path": c.path, "step": c.manifest["step"], "val_loss": c.manifest["val_loss"]}
+                    for c in chosen
+                ],
+                "sources_val_loss_mean": sum(c.manifest["val_loss"] for c in chosen) / len(chosen),
+                "created": time.time(),
+            }
+            checkpoint.write_manifest(Path(out), checkpoint.describe_files(Path(out)), manifest)
+            checkpoint.upload(Path(out), fs, merge_path(run_root))
+    finally:
+        for c in chosen:
+            c.cleanup()
+    return manifest
+
+
+def main(kind: str, argv: list[str] | None = None) -> int:
+    """`python jobs/<kind>.py --config C [--phase P]`: the runs of one stage, in plan order."""
+    import argparse
+    import sys
+
+    from pydantic import ValidationError
+
+    from llada_ray.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog=f"jobs/{kind}.py", description=main.__doc__)
+    parser.add_argument("--config", required=True, help="pipeline YAML")
+    if kind == "cpt":
+        parser.add_argument("--phase", help="one CPT phase by name (default: every phase)")
+    parser.add_argument("--parent-run-id", help="MLflow run to nest this stage's runs under")
+    args = parser.parse_args(argv)
+    try:  # a bad config fails here, before anything reaches the cluster
+        cfg = load_config(args.config)
+    except (ConfigError, ValidationError) as err:
+        print(f"invalid config {args.config}:\n{err}", file=sys.stderr)
+        return 2
+    selected = [u for u in units(cfg) if u.stage.stage == kind]
+    if kind == "cpt" and args.phase:
+        selected = [u for u in selected if u.name == f"cpt-{args.phase}"]
+    if not selected:
+        what = f"phase {args.phase!r} of stage cpt" if getattr(args, "phase", None) else kind
+        print(f"{args.config}: the pipeline has no {what}", file=sys.stderr)
+        return 2
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS / the job's cluster, else a local one
+    for unit in selected:
+        try:
+            outcome = run_unit(cfg, unit, args.parent_run_id)
+        except RuntimeError as err:
+            print(f"{unit.name}: {err}", file=sys.stderr)
+            return 1
+        state = "trained" if outcome.trained else "already done"
+        loss = outcome.manifest.get("val_loss", outcome.manifest.get("sources_val_loss_mean"))
+        print(
+            f"{unit.name:<20} {state:<12} val_loss {loss:.4f}  {outcome.seconds:7.1f}s  "
+            f"{outcome.output}"
+        )
+    return 0
