@@ -27,6 +27,7 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/attention.py
 	$(BIN)/python bench/packing.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -41,6 +41,8 @@ def cpt_index(raw: dict) -> int:
         (lambda r: r["model"].update(attention_kernel="x"), "model.attention_kernel"),
         (lambda r: r["stages"].reverse(), "must appear at most once each, in the order"),
         (lambda r: r["stages"][-1].update(beta=0), "beta"),
+        (lambda r: r["stages"][cpt_index(r) + 1].update(top_k=9), "merge.top_k (9) exceeds"),
+        (lambda r: r["stages"][0].update(eval_rows=0), "eval_rows"),
     ],
 )
 def test_bad_config_names_the_field(edit, field: str) -> None:
@@ -84,3 +86,17 @@ def test_cli_validate_prints_plan_or_names_the_problem(tmp_path: Path, capsys) -
     bad.write_text(yaml.safe_dump(raw))
     assert main(["validate", str(bad)]) == 2
     assert "does not divide data.seq_len (100)" in capsys.readouterr().err
+
+
+def test_jobs_refuse_a_bad_config_or_phase_before_submitting(tmp_path: Path, capsys) -> None:
+    from llada_ray.train.run import main
+
+    raw = tiny()
+    raw["stages"][cpt_index(raw)]["phases"][0]["block_size"] = 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    assert main("cpt", ["--config", str(bad)]) == 2
+    assert "block_size: 3 does not divide" in capsys.readouterr().err
+    good = Path(__file__).parent.parent / "configs" / "tiny.yaml"
+    assert main("cpt", ["--config", str(good), "--phase", "nope"]) == 2
+    assert "no phase 'nope' of stage cpt" in capsys.readouterr().err

@@ -9,9 +9,10 @@ exactly as if it had never stopped.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ class Position:
     tokens: int = 0
     embed_noise_std: float = 0.0
     checkpoint_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
+    resumed_from: int | None = None  # the checkpoint step this attempt started from
 
 
 class MetricLog:
@@ -134,7 +135,12 @@ def train_loop(payload: dict) -> None:
         dlm = DiffusionLM(hf, cfg.model.attention, cfg.model.attention_tile)
         m = restored.manifest
         pos = Position(
-            m["step"], m["samples"], m["tokens"], m["embed_noise_std"], m["checkpoint_seconds"]
+            m["step"],
+            m["samples"],
+            m["tokens"],
+            m["embed_noise_std"],
+            m["checkpoint_seconds"],
+            resumed_from=m["step"],
         )
     else:
         dlm = _initial_model(cfg, payload, tokenizer, fs)
@@ -270,10 +276,11 @@ def _save(
         engine.dlm.hf.save_pretrained(local, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(local)
     engine.save_state(local)
-    files = checkpoint.describe_files(local)
+    mine = checkpoint.describe_files(local)
+    files = mine
     if dist.is_initialized() and world > 1:
         parts: list = [None] * world
-        dist.all_gather_object(parts, files)
+        dist.all_gather_object(parts, mine)
         files = {k: v for part in parts for k, v in part.items()}
     val_loss = figures.get("val_loss", float("nan"))
     if rank == 0:
@@ -294,13 +301,16 @@ def _save(
                 "world_size": world,
                 "strategy": cfg.scaling.strategy,
                 "embed_noise_std": pos.embed_noise_std,
+                "resumed_from": pos.resumed_from,
                 "checkpoint_seconds": pos.checkpoint_seconds + (time.perf_counter() - started),
                 "created": time.time(),
             },
         )
+    if not mine:  # e.g. DDP ranks > 0: rank 0 writes the whole checkpoint
+        shutil.rmtree(local)
     ray.train.report(
         {"step": pos.step, "val_loss": val_loss, "tokens": pos.tokens},
-        checkpoint=ray.train.Checkpoint.from_directory(str(local)) if files else None,
+        checkpoint=ray.train.Checkpoint.from_directory(str(local)) if mine else None,
         checkpoint_dir_name=checkpoint.checkpoint_name(pos.step),
         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
     )
