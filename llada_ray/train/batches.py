@@ -14,8 +14,10 @@ whole corpus, fixed across runs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -85,6 +87,9 @@ class PackedBatch:
     def tokens(self) -> int:
         return int(self.valid.sum())
 
+    def to(self, device: torch.device | str) -> PackedBatch:
+        return _to(self, device)
+
 
 def packed_batch(rows: dict[str, list]) -> PackedBatch:
     input_ids = torch.tensor(np.stack(rows["input_ids"]), dtype=torch.long)
@@ -109,6 +114,18 @@ class ChatBatch:
     @property
     def tokens(self) -> int:
         return int((self.doc_ids == 0).sum())
+
+    def to(self, device: torch.device | str) -> ChatBatch:
+        return _to(self, device)
+
+
+def _to(batch: _Batch, device: torch.device | str) -> _Batch:
+    return dataclasses.replace(
+        batch, **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)}
+    )
+
+
+_Batch = TypeVar("_Batch", PackedBatch, ChatBatch)
 
 
 def chat_batch(sequences: list[list[int]], prompt_lens: list[int], pad_id: int) -> ChatBatch:

@@ -148,6 +148,11 @@ class DeepSpeedEngine:
             },
             "steps_per_print": 1 << 30,
         }
+        dtype = next(dlm.parameters()).dtype  # model.dtype of the config
+        if dtype == torch.bfloat16:
+            config["bf16"] = {"enabled": True}
+        elif dtype == torch.float16:
+            config["fp16"] = {"enabled": True}
         self.dlm, self.zero_stage = dlm, scaling.zero_stage
         self.engine, _, _, _ = deepspeed.initialize(
             model=dlm, model_parameters=_param_groups(dlm, stage.weight_decay), config=config

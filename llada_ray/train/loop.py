@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -86,7 +87,7 @@ def _initial_model(cfg: PipelineConfig, payload: dict, tokenizer, fs) -> Diffusi
         fetched = checkpoint.fetch(fs, init)
         if fetched is None:
             raise RuntimeError(f"the checkpoint to start from, {init}, does not verify")
-        hf, _ = load_model(fetched.local, mask_token=cfg.model.mask_token)
+        hf, _ = load_model(fetched.local, mask_token=cfg.model.mask_token, dtype=cfg.model.dtype)
         fetched.cleanup()
     elif cfg.model.is_tiny:
         hf = build_tiny_model(cfg.model.tiny, tokenizer, seed=cfg.seed)
@@ -125,13 +126,17 @@ def train_loop(payload: dict) -> None:
     assert stage is not None and unit.lr is not None
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()  # the CPU here; this worker's GPU with use_gpu
     fs, _ = storage_root(cfg.storage)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(fs, payload["tokenizer"])
 
+    # Masked-embedding noise: the first steps of the first CPT phase only (report §7.1).
+    noise = stage.embed_noise if isinstance(stage, CptStage) and unit.first_of_stage else None
+    noise_steps = noise.steps if noise else 0
     restored = _restore(fs, payload["run_path"])
     if restored:
-        hf, _ = load_model(restored.local, mask_token=cfg.model.mask_token)
+        hf, _ = load_model(restored.local, mask_token=cfg.model.mask_token, dtype=cfg.model.dtype)
         dlm = DiffusionLM(hf, cfg.model.attention, cfg.model.attention_tile)
         m = restored.manifest
         pos = Position(
@@ -144,14 +149,15 @@ def train_loop(payload: dict) -> None:
         )
     else:
         dlm = _initial_model(cfg, payload, tokenizer, fs)
-        noise = stage.embed_noise if isinstance(stage, CptStage) and unit.first_of_stage else None
         base = 0.0
-        if noise and noise.steps:
+        if noise and noise.steps:  # σ from the starting weights, kept in the manifest
             base = embedding_rms(dlm.hf) if noise.std == "embedding_rms" else noise.std
         pos = Position(embed_noise_std=base)
+    dlm.to(device)
     reference = None
     if unit.objective == "dpo":
-        reference = _initial_model(cfg, payload, tokenizer, fs).eval().requires_grad_(False)
+        reference = _initial_model(cfg, payload, tokenizer, fs).to(device).eval()
+        reference.requires_grad_(False)
 
     engine = build_engine(dlm, cfg.scaling, stage, unit.lr)
     if restored:
@@ -165,7 +171,6 @@ def train_loop(payload: dict) -> None:
 
     store = RowStore(fs, payload["data"], cfg.data.validation_fraction)
     steps = total_steps(unit, cfg, len(store.train_ids), world)
-    noise_steps = stage.embed_noise.steps if isinstance(stage, CptStage) else 0
     objective = objective_for(
         unit,
         cfg,
@@ -173,12 +178,13 @@ def train_loop(payload: dict) -> None:
         tokenizer.pad_token_id,
         reference=reference,
         embed_noise=lambda s: embedding_noise_std(s, noise_steps, pos.embed_noise_std),
+        device=device,
     )
     metrics_log = MetricLog(payload.get("tracking"), rank)
     run_seed = _seed(cfg.seed, unit.name)
 
     def validate() -> dict[str, float]:
-        return _validate(engine, objective, store, stage, rank, world, run_seed)
+        return _validate(engine, objective, store, stage, rank, world, run_seed, device)
 
     if pos.step == 0:
         metrics_log.log({f"val_{k}": v for k, v in validate().items()}, 0)
@@ -194,7 +200,7 @@ def train_loop(payload: dict) -> None:
             )
             rows = store.rows(store.train_sample(run_seed, index))
             torch.manual_seed(_seed(run_seed, pos.step, rank, micro))  # e.g. embedding noise
-            gen = torch.Generator().manual_seed(_seed(run_seed, pos.step, rank, micro, "t"))
+            gen = torch.Generator(device).manual_seed(_seed(run_seed, pos.step, rank, micro, "t"))
             out = objective(engine.model, rows, gen, pos.step)
             engine.backward(out.loss)
             tokens += out.tokens
@@ -235,6 +241,7 @@ def _validate(
     rank: int,
     world: int,
     run_seed: int,
+    device: torch.device,
 ) -> dict[str, float]:
     """Mean metrics over held-out rows, with fixed noise draws so passes are comparable.
 
@@ -249,7 +256,7 @@ def _validate(
         for b in range(batches):
             start = (b * world + rank) * micro
             rows = store.rows(ids[np.arange(start, start + micro) % len(ids)])
-            gen = torch.Generator().manual_seed(_seed(run_seed, "val", b, rank))
+            gen = torch.Generator(device).manual_seed(_seed(run_seed, "val", b, rank))
             out = objective(engine.model, rows, gen, 1 << 30)  # past the embedding noise
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + v / batches

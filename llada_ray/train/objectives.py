@@ -67,7 +67,9 @@ def cpt_loss(
     if stage.shift_labels:
         maskable[:, 0] = False
         maskable[:, 1:] &= doc[:, 1:] == doc[:, :-1]
-    t = sample_mask_rates(len(x0), t_min=stage.t_min, antithetic=stage.antithetic, generator=gen)
+    t = sample_mask_rates(
+        len(x0), t_min=stage.t_min, antithetic=stage.antithetic, generator=gen, device=x0.device
+    )
     noised = forward_mask(x0, t, maskable, mask_id, gen)
     positions = position_ids_for(doc, restart_positions)
     if block_size == x0.shape[1]:
@@ -99,7 +101,9 @@ def sft_loss(
     For CAP, plus λ · the entropy of the masked predictions that are already right.
     """
     x0, doc, maskable = batch.input_ids, batch.doc_ids, batch.maskable
-    t = sample_mask_rates(len(x0), t_min=stage.t_min, t_max=stage.t_max, generator=gen)
+    t = sample_mask_rates(
+        len(x0), t_min=stage.t_min, t_max=stage.t_max, generator=gen, device=x0.device
+    )
     if stage.complementary:
         noised = complementary_pairs(x0, t, maskable, mask_id, gen)
         x0, doc, maskable = (x.repeat_interleave(2, 0) for x in (x0, doc, maskable))
@@ -143,7 +147,7 @@ def dpo_loss(
     positions = position_ids_for(doc, True)
     policy, ref = 0.0, 0.0
     for _ in range(stage.elbo_samples):
-        t = sample_mask_rates(len(x0), generator=gen)
+        t = sample_mask_rates(len(x0), generator=gen, device=x0.device)
         noised = forward_mask(x0, t, maskable, mask_id, gen)
         inputs = block_diffusion_inputs(noised.xt, x0, doc, positions, stage.block_size)
         policy = policy + sequence_elbo(model(**inputs), x0, noised.masked, t)
@@ -171,12 +175,14 @@ def objective_for(
     *,
     reference: Model | None = None,
     embed_noise: Callable[[int], float] = lambda step: 0.0,
+    device: torch.device | str = "cpu",
 ) -> Objective:
-    """The run's objective as f(model, stored rows, generator, step) -> StepLoss."""
+    """The run's objective as f(model, stored rows, generator, step) -> StepLoss; batches are
+    collated on the CPU and moved to `device` (the generator must live there too)."""
     restart = cfg.data.restart_positions
     stage = unit.stage
     if unit.objective == "ar":
-        return lambda model, rows, gen, step: ar_loss(model, packed_batch(rows), restart)
+        return lambda model, rows, gen, step: ar_loss(model, packed_batch(rows).to(device), restart)
     if unit.objective in ("bd", "stable"):
         assert isinstance(stage, CptStage) and unit.block_size is not None
         block_size = unit.block_size
@@ -184,7 +190,7 @@ def objective_for(
         def cpt(model: Model, rows: dict[str, list], gen: torch.Generator, step: int) -> StepLoss:
             return cpt_loss(
                 model,
-                packed_batch(rows),
+                packed_batch(rows).to(device),
                 stage,
                 block_size,
                 mask_id,
@@ -197,11 +203,11 @@ def objective_for(
     if unit.objective in ("sft", "cap"):
         assert isinstance(stage, SftStage)
         return lambda model, rows, gen, step: sft_loss(
-            model, sft_batch(rows, pad_id), stage, mask_id, gen
+            model, sft_batch(rows, pad_id).to(device), stage, mask_id, gen
         )
     if unit.objective == "dpo":
         assert isinstance(stage, DpoStage) and reference is not None
         return lambda model, rows, gen, step: dpo_loss(
-            model, reference, dpo_batch(rows, pad_id), stage, mask_id, gen
+            model, reference, dpo_batch(rows, pad_id).to(device), stage, mask_id, gen
         )
     raise ValueError(f"run {unit.name!r} ({unit.objective}) does not train")
