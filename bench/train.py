@@ -25,7 +25,7 @@ import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
-from llada_ray.config import PipelineConfig
+from llada_ray.config import PipelineConfig, TrainingStage
 from llada_ray.train.plan import units
 from llada_ray.train.run import run_unit
 
@@ -89,13 +89,13 @@ def main() -> None:
                 "tokens": outcome.manifest["tokens"],
                 "tokens_per_s": statistics.median(rates[1:]),  # step 1 includes warm-up
                 "train_wall_s": wall,
-                "checkpoints": outcome.manifest["step"] // 50,
+                "checkpoints": -(-outcome.manifest["step"] // unit.training.checkpoint_every_steps),
                 "checkpoint_seconds": checkpoint_seconds,
                 "checkpoint_share": share,
                 "run_seconds": outcome.seconds,
             }
-        ray.shutdown()
     finally:
+        ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 
     worst = max(r["checkpoint_share"] for r in results.values())
@@ -108,7 +108,7 @@ def main() -> None:
             "strategy": "ddp (gloo, CPU)",
             "cpus": os.cpu_count(),
             "steps_per_kind": steps,
-            "checkpoint_every_steps": 50,
+            "checkpoint_every_steps": TrainingStage.model_fields["checkpoint_every_steps"].default,
         },
         "runs": results,
         "targets": {

@@ -301,6 +301,20 @@ class PipelineConfig(Strict):
         return stages
 
     @model_validator(mode="after")
+    def _combinations(self) -> PipelineConfig:
+        if self.model.dtype == "float16" and self.scaling.strategy != "deepspeed":
+            raise ValueError(
+                "model.dtype float16 needs loss scaling: use bfloat16, or strategy deepspeed"
+            )
+        shifted = any(isinstance(s, CptStage) and s.shift_labels for s in self.stages)
+        if shifted and any(isinstance(s, SftStage | DpoStage) for s in self.stages):
+            raise ValueError(
+                "shift_labels: post-training and decoding use the unshifted LLaDA2 convention; "
+                "a shifted CPT model cannot feed sft / cap / dpo here"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _tokenizer_fits_model(self) -> PipelineConfig:
         if self.model.is_tiny and self.tokenizer.source == "model":
             raise ValueError(

@@ -43,6 +43,8 @@ def cpt_index(raw: dict) -> int:
         (lambda r: r["stages"][-1].update(beta=0), "beta"),
         (lambda r: r["stages"][cpt_index(r) + 1].update(top_k=9), "merge.top_k (9) exceeds"),
         (lambda r: r["stages"][0].update(eval_rows=0), "eval_rows"),
+        (lambda r: r["model"].update(dtype="float16"), "float16 needs loss scaling"),
+        (lambda r: r["stages"][cpt_index(r)].update(shift_labels=True), "shift_labels"),
     ],
 )
 def test_bad_config_names_the_field(edit, field: str) -> None:

@@ -11,13 +11,21 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from llada_ray.config import CptStage, PipelineConfig, TinyModelConfig, load_config
+from llada_ray.config import (
+    CapStage,
+    CptStage,
+    DpoStage,
+    PipelineConfig,
+    SftStage,
+    TinyModelConfig,
+    load_config,
+)
 from llada_ray.diffusion.losses import masked_token_nll
 from llada_ray.diffusion.masks import position_ids_for
 from llada_ray.model import DiffusionLM, build_tiny_model
 from llada_ray.model.adapter import block_diffusion_inputs, causal_inputs, stable_inputs
-from llada_ray.train.batches import RowStore, micro_batch_index, packed_batch
-from llada_ray.train.objectives import cpt_loss
+from llada_ray.train.batches import RowStore, dpo_batch, micro_batch_index, packed_batch, sft_batch
+from llada_ray.train.objectives import cpt_loss, dpo_loss, sft_loss
 from llada_ray.train.plan import find_unit, learning_rate, total_steps, units
 
 L = 48
@@ -97,6 +105,49 @@ def test_stable_phase_drops_the_clean_half_exactly(dlm, tiny_tokenizer):
     assert 0 < out.metrics["masked_ratio"] < 1 and out.loss.item() > 0
 
 
+def _chat_rows(tokenizer, n: int = 3) -> dict[str, list]:
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(5, 400, (5 + i,), generator=gen).tolist() for i in range(n)]
+
+    def response(i: int) -> list[int]:
+        return torch.randint(5, 400, (16 * (i + 1) - 5 - i,), generator=gen).tolist()
+
+    return {
+        "input_ids": [p + response(i) for i, p in enumerate(prompts)],
+        "prompt_len": [len(p) for p in prompts],
+        "prompt_ids": prompts,
+        "chosen_ids": [response(i) for i in range(n)],
+        "rejected_ids": [response(i) for i in range(n)],
+    }
+
+
+def test_sft_pairs_and_cap_term(dlm, tiny_tokenizer):
+    rows = _chat_rows(tiny_tokenizer)
+    batch = sft_batch(rows, tiny_tokenizer.pad_token_id)
+    assert batch.input_ids.shape[1] % 16 == 0 and not batch.maskable[:, :5].any()
+    sft = SftStage(block_size=16)
+    cap = CapStage(block_size=16, cap_lambda=2.0)
+    with torch.no_grad():
+        plain = sft_loss(dlm, batch, sft, dlm.mask_token_id, torch.Generator().manual_seed(4))
+        conf = sft_loss(dlm, batch, cap, dlm.mask_token_id, torch.Generator().manual_seed(4))
+    # Complementary pairs mask every response token exactly once: half of them overall.
+    assert plain.metrics["masked_ratio"] == pytest.approx(0.5)
+    assert conf.metrics["elbo"] == pytest.approx(plain.metrics["elbo"])  # same draws
+    expected = plain.metrics["elbo"] + 2.0 * conf.metrics["cap_entropy"]
+    assert conf.metrics["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_dpo_starts_at_log_two_against_itself(dlm, tiny_tokenizer):
+    batch = dpo_batch(_chat_rows(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    assert len(batch.input_ids) == 6
+    with torch.no_grad():
+        out = dpo_loss(dlm, dlm, batch, DpoStage(block_size=16, elbo_samples=2),
+                       dlm.mask_token_id, torch.Generator().manual_seed(5))  # fmt: skip
+    # Policy == reference on the same (t, mask) draws: every margin is 0.
+    assert out.loss.item() == pytest.approx(np.log(2))
+    assert out.metrics["reward_margin"] == 0 and out.metrics["reward_accuracy"] == 0
+
+
 def test_tiny_plan_runs_and_rates() -> None:
     cfg = load_config("configs/tiny.yaml")
     names = [u.name for u in units(cfg)]
@@ -154,3 +205,20 @@ def test_samples_cover_each_training_row_once_per_epoch(tmp_path) -> None:
     assert list(store.rows(rows[:4])["x"]) == list(rows[:4])
     # A pure function of the index: a resumed run asks again and gets the same rows.
     np.testing.assert_array_equal(store.train_sample(5, flat[37:41]), rows[37:41])
+
+
+def test_resume_under_other_scaling_is_refused_before_submitting(tmp_path) -> None:
+    from llada_ray.train.run import _check_resumable, pipeline_root, run_path
+
+    raw = load_config("configs/tiny.yaml").model_dump()
+    raw["storage"] = {"root": str(tmp_path)}
+    cfg = PipelineConfig.model_validate(raw)
+    fs, run_root = pipeline_root(cfg)
+    unit = find_unit(cfg, "ar_pretrain")
+    _check_resumable(cfg, fs, run_root, unit)  # nothing written yet
+    ckpt = tmp_path / cfg.name / "train" / "ar_pretrain" / "checkpoint_00000050"
+    ckpt.mkdir(parents=True)
+    (ckpt / "manifest.json").write_text('{"world_size": 4, "strategy": "deepspeed"}')
+    with pytest.raises(RuntimeError, match="written by 4 deepspeed workers"):
+        _check_resumable(cfg, fs, run_root, unit)
+    assert run_path(run_root, unit).endswith("train/ar_pretrain")

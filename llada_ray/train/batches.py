@@ -6,7 +6,7 @@ resume mid-epoch). So the packed shards (written by Ray Data, #3) are read by ea
 pyarrow, and sample i of a run is a pure function of (seed, run, i): epoch i // n, then a seeded
 permutation of the training rows. Global step s takes samples [s·G, (s+1)·G) for the global batch
 G, and rank r's micro-batch m the slice at (m·world + r)·micro. A checkpoint stores s; nothing is
-skipped or repeated after a restart, whatever the world size.
+skipped or repeated after a restart (with the same number of workers: the loop refuses another).
 
 The held-out split is every k-th stored row (k = round(1 / validation_fraction)): spread over the
 whole corpus, fixed across runs.
@@ -119,13 +119,13 @@ class ChatBatch:
         return _to(self, device)
 
 
+_Batch = TypeVar("_Batch", PackedBatch, ChatBatch)
+
+
 def _to(batch: _Batch, device: torch.device | str) -> _Batch:
     return dataclasses.replace(
         batch, **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)}
     )
-
-
-_Batch = TypeVar("_Batch", PackedBatch, ChatBatch)
 
 
 def chat_batch(sequences: list[list[int]], prompt_lens: list[int], pad_id: int) -> ChatBatch:

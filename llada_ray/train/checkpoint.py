@@ -76,6 +76,12 @@ class Fetched:
         if self._temp:
             shutil.rmtree(self._temp, ignore_errors=True)
 
+    def __enter__(self) -> Fetched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
 
 def fetch(fs: pafs.FileSystem, path: str) -> Fetched | None:
     """Verify the checkpoint at `path` (copying it locally first if remote); None if torn."""
@@ -88,7 +94,7 @@ def fetch(fs: pafs.FileSystem, path: str) -> Fetched | None:
             raise FileNotFoundError(path)
         pafs.copy_files(path, temp, source_filesystem=fs)
         manifest = verify(Path(temp))
-    except (OSError, FileNotFoundError):
+    except OSError:  # unreachable or half-deleted: treated as torn
         manifest = None
     if manifest is None:
         shutil.rmtree(temp, ignore_errors=True)

@@ -4,8 +4,10 @@
   fsdp       FSDP2 `fully_shard` per decoder layer, then the root (torchtitan's layout)
   deepspeed  a DeepSpeed engine with ZeRO stage 0-3, optional CPU optimizer offload
 
-All three expose one interface to the loop. The learning rate is set by the loop every step (a
-pure function of the step, see plan.learning_rate), so there is no scheduler state to save.
+All three expose one interface to the loop. Weights are kept in fp32; `model.dtype` bfloat16 /
+float16 is the compute precision (autocast for ddp / fsdp, DeepSpeed's own bf16 / fp16 mode with
+fp32 master weights), so small updates are never rounded away. The learning rate is set by the
+loop every step (a pure function of the step, see plan.learning_rate): no scheduler state.
 Weights are checkpointed as a full HF state dict gathered to rank 0; optimizer state as a full,
 wrapper-free state dict (ddp / fsdp, so a run can resume under the other) or DeepSpeed's own
 per-rank shards.
@@ -13,6 +15,7 @@ per-rank shards.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -43,14 +46,22 @@ class TorchEngine:
 
     OPTIMIZER = "optimizer.pt"
 
-    def __init__(self, dlm: DiffusionLM, scaling: ScalingConfig, stage: TrainingStage) -> None:
-        self.dlm, self.stage = dlm, stage
+    def __init__(
+        self, dlm: DiffusionLM, scaling: ScalingConfig, stage: TrainingStage, dtype: str
+    ) -> None:
+        self.dlm, self.stage, self.dtype = dlm, stage, getattr(torch, dtype)
         self.distributed = dist.is_available() and dist.is_initialized()
         if self.distributed and dist.get_world_size() > 1:
             if scaling.strategy == "fsdp":
                 from torch.distributed.fsdp import fully_shard
 
-                for layer in dlm.hf.base_model.layers:
+                layers = getattr(dlm.hf.base_model, "layers", None)
+                if layers is None:
+                    raise ValueError(
+                        f"strategy fsdp shards per decoder layer, and {type(dlm.hf).__name__} "
+                        "has no base_model.layers: use ddp or deepspeed"
+                    )
+                for layer in layers:
                     fully_shard(layer)
                 fully_shard(dlm)
                 self.model: torch.nn.Module = dlm
@@ -68,6 +79,11 @@ class TorchEngine:
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(next(self.dlm.parameters()).device.type, dtype=self.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accumulation).backward()
@@ -123,7 +139,7 @@ class DeepSpeedEngine:
     TAG = "deepspeed"
 
     def __init__(
-        self, dlm: DiffusionLM, scaling: ScalingConfig, stage: TrainingStage, lr: float
+        self, dlm: DiffusionLM, scaling: ScalingConfig, stage: TrainingStage, lr: float, dtype: str
     ) -> None:
         import deepspeed
 
@@ -148,10 +164,9 @@ class DeepSpeedEngine:
             },
             "steps_per_print": 1 << 30,
         }
-        dtype = next(dlm.parameters()).dtype  # model.dtype of the config
-        if dtype == torch.bfloat16:
+        if dtype == "bfloat16":
             config["bf16"] = {"enabled": True}
-        elif dtype == torch.float16:
+        elif dtype == "float16":
             config["fp16"] = {"enabled": True}
         self.dlm, self.zero_stage = dlm, scaling.zero_stage
         self.engine, _, _, _ = deepspeed.initialize(
@@ -162,6 +177,9 @@ class DeepSpeedEngine:
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the engine casts itself
 
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed scales by 1/accumulation and steps the optimizer on the boundary micro-batch.
@@ -192,8 +210,8 @@ Engine = TorchEngine | DeepSpeedEngine
 
 
 def build_engine(
-    dlm: DiffusionLM, scaling: ScalingConfig, stage: TrainingStage, lr: float
+    dlm: DiffusionLM, scaling: ScalingConfig, stage: TrainingStage, lr: float, dtype: str
 ) -> Engine:
     if scaling.strategy == "deepspeed":
-        return DeepSpeedEngine(dlm, scaling, stage, lr)
-    return TorchEngine(dlm, scaling, stage)
+        return DeepSpeedEngine(dlm, scaling, stage, lr, dtype)
+    return TorchEngine(dlm, scaling, stage, dtype)

@@ -9,6 +9,7 @@ exactly as if it had never stopped.
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import tempfile
 import time
@@ -16,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from transformers import PreTrainedTokenizerBase
 
-from llada_ray.config import CptStage, PipelineConfig
+from llada_ray.config import CptStage, PipelineConfig, TrainingStage
 from llada_ray.data.corpus import load_tokenizer
 from llada_ray.diffusion.noise import embedding_noise_std
 from llada_ray.model import DiffusionLM, build_tiny_model, embedding_rms, load_model
@@ -32,18 +35,20 @@ from llada_ray.train.engine import Engine, build_engine
 from llada_ray.train.objectives import Objective, objective_for
 from llada_ray.train.plan import Unit, find_unit, learning_rate, total_steps
 
+log = logging.getLogger(__name__)
+
 
 def _seed(*parts: object) -> int:
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _all_mean(values: dict[str, float]) -> dict[str, float]:
+def _all_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Mean of each figure over the ranks (keys are the same on every rank)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)  # NCCL: GPU
     dist.all_reduce(t)
     return dict(zip(keys, (t / dist.get_world_size()).tolist(), strict=True))
 
@@ -61,7 +66,10 @@ class Position:
 
 
 class MetricLog:
-    """Rank 0 → MLflow over the tracking URI, by global step; a no-op elsewhere / untracked."""
+    """Rank 0 → MLflow over the tracking URI, by global step; a no-op elsewhere / untracked.
+
+    A tracking server that is down costs a warning, not the run.
+    """
 
     def __init__(self, tracking: dict | None, rank: int) -> None:
         self.client, self.run_id = None, None
@@ -76,32 +84,38 @@ class MetricLog:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
-        self.client.log_batch(self.run_id, metrics=batch)
+        try:
+            self.client.log_batch(
+                self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+            )
+        except Exception as err:  # any tracking failure: keep training
+            log.warning("MLflow logging failed at step %d: %s", step, err)
 
 
-def _initial_model(cfg: PipelineConfig, payload: dict, tokenizer, fs) -> DiffusionLM:
-    """The weights a run starts from: the previous run's output, or the configured source."""
-    init = payload.get("init")
-    if init:
-        fetched = checkpoint.fetch(fs, init)
-        if fetched is None:
-            raise RuntimeError(f"the checkpoint to start from, {init}, does not verify")
-        hf, _ = load_model(fetched.local, mask_token=cfg.model.mask_token, dtype=cfg.model.dtype)
-        fetched.cleanup()
-    elif cfg.model.is_tiny:
+def _fetch(fs: pafs.FileSystem, path: str, what: str) -> checkpoint.Fetched:
+    fetched = checkpoint.fetch(fs, path)
+    if fetched is None:
+        raise RuntimeError(f"{what} {path} does not verify (a file is missing or corrupt)")
+    return fetched
+
+
+def _diffusion_lm(
+    cfg: PipelineConfig, source: str | Path, tokenizer: PreTrainedTokenizerBase
+) -> DiffusionLM:
+    """A model to train: master weights in fp32 (model.dtype is the compute dtype)."""
+    if source == "tiny":
         hf = build_tiny_model(cfg.model.tiny, tokenizer, seed=cfg.seed)
     else:
         hf, _ = load_model(
-            cfg.model.source,
+            source,
             mask_token=cfg.model.mask_token,
             trust_remote_code=cfg.model.trust_remote_code,
-            dtype=cfg.model.dtype,
+            dtype="float32",
         )
     return DiffusionLM(hf, cfg.model.attention, cfg.model.attention_tile)
 
 
-def _restore(fs, run_path: str) -> checkpoint.Fetched | None:
+def _restore(fs: pafs.FileSystem, run_path: str) -> checkpoint.Fetched | None:
     """Rank 0 picks the newest checkpoint that verifies; every rank then loads that one."""
     chosen = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -111,12 +125,7 @@ def _restore(fs, run_path: str) -> checkpoint.Fetched | None:
             found.cleanup()
     if dist.is_initialized():
         dist.broadcast_object_list(chosen, src=0)
-    if chosen[0] is None:
-        return None
-    fetched = checkpoint.fetch(fs, chosen[0])
-    if fetched is None:
-        raise RuntimeError(f"checkpoint {chosen[0]} stopped verifying while being loaded")
-    return fetched
+    return _fetch(fs, chosen[0], "checkpoint") if chosen[0] else None
 
 
 def train_loop(payload: dict) -> None:
@@ -135,39 +144,43 @@ def train_loop(payload: dict) -> None:
     noise = stage.embed_noise if isinstance(stage, CptStage) and unit.first_of_stage else None
     noise_steps = noise.steps if noise else 0
     restored = _restore(fs, payload["run_path"])
-    if restored:
-        hf, _ = load_model(restored.local, mask_token=cfg.model.mask_token, dtype=cfg.model.dtype)
-        dlm = DiffusionLM(hf, cfg.model.attention, cfg.model.attention_tile)
-        m = restored.manifest
-        pos = Position(
-            m["step"],
-            m["samples"],
-            m["tokens"],
-            m["embed_noise_std"],
-            m["checkpoint_seconds"],
-            resumed_from=m["step"],
-        )
-    else:
-        dlm = _initial_model(cfg, payload, tokenizer, fs)
-        base = 0.0
-        if noise and noise.steps:  # σ from the starting weights, kept in the manifest
-            base = embedding_rms(dlm.hf) if noise.std == "embedding_rms" else noise.std
-        pos = Position(embed_noise_std=base)
-    dlm.to(device)
-    reference = None
-    if unit.objective == "dpo":
-        reference = _initial_model(cfg, payload, tokenizer, fs).to(device).eval()
-        reference.requires_grad_(False)
-
-    engine = build_engine(dlm, cfg.scaling, stage, unit.lr)
-    if restored:
-        engine.load_state(restored.local)
-        restored.cleanup()
-    elif unit.carries_optimizer and payload.get("init"):
-        init = checkpoint.fetch(fs, payload["init"])
-        assert init is not None
-        engine.load_state(init.local)
-        init.cleanup()
+    init_path = payload.get("init")
+    # The input checkpoint: the starting weights, DPO's frozen reference, or CPT's optimizer.
+    need_init = init_path and (restored is None or unit.objective == "dpo")
+    init = _fetch(fs, init_path, "the checkpoint to start from") if need_init else None
+    try:
+        if restored:
+            m = restored.manifest
+            pos = Position(
+                m["step"],
+                m["samples"],
+                m["tokens"],
+                m["embed_noise_std"],
+                m["checkpoint_seconds"],
+                resumed_from=m["step"],
+            )
+        source = restored.local if restored else init.local if init else cfg.model.source
+        dlm = _diffusion_lm(cfg, source, tokenizer)
+        if not restored:
+            base = 0.0
+            if noise and noise.steps:  # σ from the starting weights, kept in the manifest
+                base = embedding_rms(dlm.hf) if noise.std == "embedding_rms" else noise.std
+            pos = Position(embed_noise_std=base)
+        dlm.to(device)
+        reference = None
+        if unit.objective == "dpo":
+            assert init is not None, "dpo always follows a training run"
+            reference = _diffusion_lm(cfg, init.local, tokenizer).to(device).eval()
+            reference.requires_grad_(False)
+        engine = build_engine(dlm, cfg.scaling, stage, unit.lr, cfg.model.dtype)
+        if restored:
+            engine.load_state(restored.local)
+        elif unit.carries_optimizer and init:
+            engine.load_state(init.local)
+    finally:
+        for fetched in (restored, init):
+            if fetched:
+                fetched.cleanup()
 
     store = RowStore(fs, payload["data"], cfg.data.validation_fraction)
     steps = total_steps(unit, cfg, len(store.train_ids), world)
@@ -201,13 +214,14 @@ def train_loop(payload: dict) -> None:
             rows = store.rows(store.train_sample(run_seed, index))
             torch.manual_seed(_seed(run_seed, pos.step, rank, micro))  # e.g. embedding noise
             gen = torch.Generator(device).manual_seed(_seed(run_seed, pos.step, rank, micro, "t"))
-            out = objective(engine.model, rows, gen, pos.step)
+            with engine.autocast():
+                out = objective(engine.model, rows, gen, pos.step)
             engine.backward(out.loss)
             tokens += out.tokens
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + v / stage.grad_accumulation
         grad_norm = engine.finish_step()
-        figures = _all_mean({**sums, "tokens": float(tokens)})
+        figures = _all_mean({**sums, "tokens": float(tokens)}, device)
         step_tokens = int(figures.pop("tokens") * world)
         pos.step += 1
         pos.samples += stage.micro_batch_size * stage.grad_accumulation * world
@@ -237,7 +251,7 @@ def _validate(
     engine: Engine,
     objective: Objective,
     store: RowStore,
-    stage,
+    stage: TrainingStage,
     rank: int,
     world: int,
     run_seed: int,
@@ -257,16 +271,17 @@ def _validate(
             start = (b * world + rank) * micro
             rows = store.rows(ids[np.arange(start, start + micro) % len(ids)])
             gen = torch.Generator(device).manual_seed(_seed(run_seed, "val", b, rank))
-            out = objective(engine.model, rows, gen, 1 << 30)  # past the embedding noise
+            with engine.autocast():
+                out = objective(engine.model, rows, gen, 1 << 30)  # past the embedding noise
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + v / batches
     engine.model.train()
-    return _all_mean(sums)
+    return _all_mean(sums, device)
 
 
 def _save(
     engine: Engine,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     pos: Position,
     figures: dict[str, float],
     unit: Unit,

@@ -42,7 +42,9 @@ def ar_loss(model: Model, batch: PackedBatch, restart_positions: bool) -> StepLo
     logits = model(**causal_inputs(batch.input_ids, batch.doc_ids, positions))
     same_doc = batch.doc_ids[:, 1:] == batch.doc_ids[:, :-1]
     keep = same_doc & batch.valid[:, 1:]
-    loss = masked_token_nll(logits[:, :-1], batch.input_ids[:, 1:], keep).sum() / keep.sum()
+    loss = masked_token_nll(logits[:, :-1], batch.input_ids[:, 1:], keep).sum() / keep.sum().clamp(
+        min=1
+    )
     return StepLoss(loss, {"loss": loss.item()}, batch.tokens)
 
 

@@ -22,13 +22,13 @@ from llada_ray.config import (
 )
 from llada_ray.diffusion.schedule import plan_phases
 
-Objective = Literal["ar", "bd", "stable", "sft", "cap", "dpo", "merge"]
+RunKind = Literal["ar", "bd", "stable", "sft", "cap", "dpo", "merge"]
 
 
 @dataclass(frozen=True)
 class Unit:
     name: str  # "ar_pretrain", "cpt-<phase>", "merge", "sft", "cap", "dpo"
-    objective: Objective
+    objective: RunKind
     stage: ArPretrainStage | CptStage | MergeStage | SftStage | CapStage | DpoStage
     data: str | None  # key of the packed data it reads (see data.pack.pack_all)
     block_size: int | None = None
@@ -58,7 +58,7 @@ def units(cfg: PipelineConfig) -> list[Unit]:
         elif isinstance(stage, CptStage):
             phases = [(p.name, p.block_size, p.tokens, p.lr) for p in stage.phases]
             for i, phase in enumerate(plan_phases(phases, cfg.data.seq_len)):
-                objective: Objective = "stable" if phase.kind == "stable" else "bd"
+                objective: RunKind = "stable" if phase.kind == "stable" else "bd"
                 out.append(
                     Unit(
                         f"cpt-{phase.name}",

@@ -18,7 +18,13 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+)
 from ray.train.torch import TorchTrainer
 
 from llada_ray import tracking
@@ -95,6 +101,7 @@ def run_unit(cfg: PipelineConfig, unit: Unit, parent_run_id: str | None = None) 
         seconds = time.perf_counter() - started
         return RunOutcome(unit.name, merge_path(run_root), manifest, True, seconds)
 
+    _check_resumable(cfg, fs, run_root, unit)
     packed = pack_all(cfg, fs, run_root)
     params = {
         "run": {
@@ -145,17 +152,32 @@ def run_unit(cfg: PipelineConfig, unit: Unit, parent_run_id: str | None = None) 
         ),
     )
     try:
-        result = trainer.fit()
+        trainer.fit()  # raises TrainingFailedError once max_failures restarts are used up
     except Exception:
         tracking.finish_run(cfg, mlflow_run, None, failed=True)
         raise
     out = output_of(fs, run_root, unit)
-    if result.error is not None or out is None:
+    if out is None:
         tracking.finish_run(cfg, mlflow_run, None, failed=True)
-        raise RuntimeError(f"run {unit.name!r} did not finish: {result.error}")
+        raise RuntimeError(f"run {unit.name!r} ended without a verified final checkpoint")
     out.cleanup()
     tracking.finish_run(cfg, mlflow_run, out.manifest)
     return RunOutcome(unit.name, out.path, out.manifest, True, time.perf_counter() - started)
+
+
+def _check_resumable(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, unit: Unit) -> None:
+    """A run resumes only under the scaling that wrote its checkpoints: the sample order and the
+    optimizer shards depend on it. Refused here, before anything is submitted."""
+    written = checkpoint.read_manifests(fs, run_path(run_root, unit))
+    if not written:
+        return
+    path, m = written[0]
+    if (m.get("world_size"), m.get("strategy")) != (cfg.scaling.num_workers, cfg.scaling.strategy):
+        raise RuntimeError(
+            f"{path} was written by {m.get('world_size')} {m.get('strategy')} workers; resume "
+            f"with scaling.num_workers {m.get('world_size')} and strategy {m.get('strategy')}, "
+            f"or delete {run_path(run_root, unit)} to start the run over"
+        )
 
 
 def merge_top_k(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str) -> dict:
@@ -235,7 +257,7 @@ def main(kind: str, argv: list[str] | None = None) -> int:
     for unit in selected:
         try:
             outcome = run_unit(cfg, unit, args.parent_run_id)
-        except RuntimeError as err:
+        except (RuntimeError, TrainingFailedError) as err:
             print(f"{unit.name}: {err}", file=sys.stderr)
             return 1
         state = "trained" if outcome.trained else "already done"
