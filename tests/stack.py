@@ -106,19 +106,28 @@ class RayHead:
 def ray_head(num_cpus: int = 4, extra_env: dict[str, str] | None = None) -> Iterator[RayHead]:
     # Short path: Ray's unix sockets live under temp_dir and must fit in 107 characters.
     temp_dir = Path(tempfile.mkdtemp(prefix="lr-ray-", dir="/tmp"))
-    gcs, dashboard = free_port(), free_port()
-    ports = {
-        "--port": gcs,
-        "--dashboard-port": dashboard,
-        "--ray-client-server-port": free_port(),
-        "--node-manager-port": free_port(),
-        "--object-manager-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(),
-        "--dashboard-agent-grpc-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-        "--metrics-export-port": free_port(),
-    }
+    # Ray refuses a port that falls in its worker range or is used twice: draw until distinct.
     worker_lo = free_port()
+    taken = set(range(worker_lo, worker_lo + 201))
+    flags = [
+        "--port",
+        "--dashboard-port",
+        "--ray-client-server-port",
+        "--node-manager-port",
+        "--object-manager-port",
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+        "--metrics-export-port",
+    ]
+    ports: dict[str, int] = {}
+    for flag in flags:
+        port = free_port()
+        while port in taken:
+            port = free_port()
+        taken.add(port)
+        ports[flag] = port
+    gcs, dashboard = ports["--port"], ports["--dashboard-port"]
     cmd = [
         str(BIN / "ray"), "start", "--head", "--block",
         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",

@@ -261,9 +261,11 @@ def main(kind: str, argv: list[str] | None = None) -> int:
             print(f"{unit.name}: {err}", file=sys.stderr)
             return 1
         state = "trained" if outcome.trained else "already done"
-        loss = outcome.manifest.get("val_loss", outcome.manifest.get("sources_val_loss_mean"))
-        print(
-            f"{unit.name:<20} {state:<12} val_loss {loss:.4f}  {outcome.seconds:7.1f}s  "
-            f"{outcome.output}"
+        m = outcome.manifest
+        loss = (
+            f"val_loss {m['val_loss']:.4f}"
+            if "val_loss" in m
+            else (f"sources' val_loss {m['sources_val_loss_mean']:.4f}")
         )
+        print(f"{unit.name:<20} {state:<12} {loss}  {outcome.seconds:7.1f}s  {outcome.output}")
     return 0
