@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from mlflow.entities import RunStatus
+from mlflow.entities import Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 from llada_ray.config import PipelineConfig
@@ -65,10 +65,7 @@ def start_run(
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-    flat = _flat("", params)
-    from mlflow.entities import Param
-
-    items = [Param(k, v) for k, v in sorted(flat.items())]
+    items = [Param(k, v) for k, v in sorted(_flat("", params).items())]
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=items[i : i + 100])
     client.log_text(

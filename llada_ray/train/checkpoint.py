@@ -76,12 +76,6 @@ class Fetched:
         if self._temp:
             shutil.rmtree(self._temp, ignore_errors=True)
 
-    def __enter__(self) -> Fetched:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
-
 
 def fetch(fs: pafs.FileSystem, path: str) -> Fetched | None:
     """Verify the checkpoint at `path` (copying it locally first if remote); None if torn."""
