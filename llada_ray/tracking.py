@@ -28,6 +28,15 @@ def resolve_uri(uri: str) -> str:
     return uri
 
 
+def _artifact_location(uri: str) -> str | None:
+    """Beside a sqlite database (MLflow's default is ./mlruns in whatever directory the driver
+    runs in); a tracking server decides for itself."""
+    uri = resolve_uri(uri)
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+
+
 def _flat(prefix: str, value: object) -> dict[str, str]:
     if isinstance(value, dict):
         out: dict[str, str] = {}
@@ -49,7 +58,9 @@ def start_run(
     experiment_id = (
         experiment.experiment_id
         if experiment
-        else client.create_experiment(cfg.tracking.experiment)
+        else client.create_experiment(
+            cfg.tracking.experiment, artifact_location=_artifact_location(cfg.tracking.uri)
+        )
     )
     found = client.search_runs(
         [experiment_id],
