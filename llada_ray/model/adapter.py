@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from llada_ray.diffusion.masks import (
     AttentionLayout,
@@ -68,11 +68,14 @@ class DiffusionLM(nn.Module):
         position_ids: torch.Tensor,
         logits_for: int | None = None,
         embed_noise_std: float = 0.0,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         """Logits [batch, logits_for or n, vocab] for the first `logits_for` input positions.
 
         `embed_noise_std` > 0 adds N(0, σ²) to the embedding output at mask-token positions
         (early-CPT stability: the AR model never trained the mask token's embedding).
+        With a `cache` (decoding) the inputs' keys and values are appended to it and the layout's
+        keys are the cached tokens followed by the inputs.
         """
         embeds = self.hf.get_input_embeddings()(input_ids)
         if embed_noise_std > 0:
@@ -83,7 +86,8 @@ class DiffusionLM(nn.Module):
         hidden = self.hf.base_model(
             inputs_embeds=embeds,
             position_ids=position_ids,
-            use_cache=False,
+            cache=cache,
+            use_cache=cache is not None,
             llada_attention=runner,
         ).last_hidden_state
         if logits_for is not None:
