@@ -15,6 +15,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+def rows_name(kind: str, block_size: int, max_len: int) -> str:
+    """Where a stage's SFT / DPO rows live under `<run>/data/` (they depend on both)."""
+    return f"{kind}-b{block_size}-n{max_len}"
+
+
 class ChatError(ValueError):
     """A sample that cannot become a row; `reason` is its counter name."""
 

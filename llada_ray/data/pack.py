@@ -31,7 +31,7 @@ import ray.data
 from ray.data.expressions import col
 
 from llada_ray.config import DpoStage, PipelineConfig, SftStage
-from llada_ray.data.chat import ChatError, dpo_row, sft_row
+from llada_ray.data.chat import ChatError, dpo_row, rows_name, sft_row
 from llada_ray.data.corpus import (
     load_encoder,
     load_tokenizer,
@@ -321,7 +321,7 @@ def build_chat_rows(
     max_len: int,
 ) -> Packed:
     """SFT rows (`data.sft`) or DPO rows (`data.dpo`) under `<run>/data/<kind>-b<block>-n<len>`."""
-    path = f"{run_root}/data/{kind}-b{block_size}-n{max_len}"
+    path = f"{run_root}/data/{rows_name(kind, block_size, max_len)}"
     sources = cfg.data.sft if kind == "sft" else cfg.data.dpo
     fingerprint = {
         "format": FORMAT_VERSION,
@@ -421,7 +421,7 @@ def pack_all(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str) -> dict[st
     for stage in cfg.stages:
         if isinstance(stage, SftStage | DpoStage):
             kind = "dpo" if isinstance(stage, DpoStage) else "sft"
-            name = f"{kind}-b{stage.block_size}-n{stage.max_len}"
+            name = rows_name(kind, stage.block_size, stage.max_len)
             if name in out:
                 continue  # CAP reads the same rows as SFT with the same block size and length
             out[name] = build_chat_rows(

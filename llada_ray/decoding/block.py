@@ -101,9 +101,9 @@ class BlockDecoder:
         started = time.perf_counter()
         B, R = sampling.block_size, len(prompts)
         device = next(self.dlm.parameters()).device
-        generators = [
-            torch.Generator(device).manual_seed(s) if seeds else None for s in (seeds or [0] * R)
-        ]
+        generators: list[torch.Generator | None] = (
+            [torch.Generator(device).manual_seed(s) for s in seeds] if seeds else [None] * R
+        )
         out = [Generation() for _ in prompts]
         # Row r: committed tokens [0, start_r) (KV cached), then its current block from start_r.
         starts = [len(p) // B * B for p in prompts]

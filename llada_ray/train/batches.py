@@ -15,6 +15,7 @@ whole corpus, fixed across runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from typing import TypeVar
@@ -51,13 +52,17 @@ class RowStore:
     def rows(self, ids: np.ndarray) -> dict[str, list]:
         return self.table.take(pa.array(ids, type=pa.int64())).to_pydict()
 
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - one store per worker, lives as long
+    def _permutation(self, seed: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([seed, epoch]).permutation(len(self.train_ids))
+
     def train_sample(self, seed: int, index: np.ndarray) -> np.ndarray:
         """Row ids of global training samples `index` (epochs of seeded permutations)."""
         n = len(self.train_ids)
         epochs, within = np.divmod(index, n)
         out = np.empty_like(index)
         for epoch in np.unique(epochs):
-            order = np.random.default_rng([seed, int(epoch)]).permutation(n)
+            order = self._permutation(seed, int(epoch))
             sel = epochs == epoch
             out[sel] = self.train_ids[order[within[sel]]]
         return out

@@ -204,7 +204,8 @@ def train_loop(payload: dict) -> None:
 
     while pos.step < steps:
         started = time.perf_counter()
-        engine.set_lr(learning_rate(unit, pos.step, steps))
+        lr = learning_rate(unit, pos.step, steps)
+        engine.set_lr(lr)
         sums: dict[str, float] = {}
         tokens = 0
         for micro in range(stage.grad_accumulation):
@@ -228,7 +229,7 @@ def train_loop(payload: dict) -> None:
         pos.tokens += step_tokens
         elapsed = time.perf_counter() - started
         figures |= {
-            "lr": learning_rate(unit, pos.step - 1, steps),
+            "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": step_tokens / elapsed,
             "tokens_seen": pos.tokens,

@@ -20,6 +20,7 @@ from llada_ray.config import (
     SftStage,
     TrainingStage,
 )
+from llada_ray.data.chat import rows_name
 from llada_ray.diffusion.schedule import plan_phases
 
 RunKind = Literal["ar", "bd", "stable", "sft", "cap", "dpo", "merge"]
@@ -44,10 +45,6 @@ class Unit:
     def carries_optimizer(self) -> bool:
         """CPT phases continue the previous phase's optimizer; every other run starts afresh."""
         return self.objective in ("bd", "stable") and not self.first_of_stage
-
-
-def chat_data(kind: str, block_size: int, max_len: int) -> str:
-    return f"{kind}-b{block_size}-n{max_len}"
 
 
 def units(cfg: PipelineConfig) -> list[Unit]:
@@ -75,10 +72,10 @@ def units(cfg: PipelineConfig) -> list[Unit]:
             out.append(Unit("merge", "merge", stage, None))
         elif isinstance(stage, DpoStage):
             lr = stage.lr if stage.lr is not None else _final_lr(out)
-            data = chat_data("dpo", stage.block_size, stage.max_len)
+            data = rows_name("dpo", stage.block_size, stage.max_len)
             out.append(Unit("dpo", "dpo", stage, data, stage.block_size, None, lr))
         else:  # SftStage or CapStage
-            data = chat_data("sft", stage.block_size, stage.max_len)
+            data = rows_name("sft", stage.block_size, stage.max_len)
             unit = Unit(stage.stage, stage.stage, stage, data, stage.block_size, None, stage.lr)
             out.append(unit)
     return out

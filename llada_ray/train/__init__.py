@@ -1,0 +1,1 @@
+"""Ray Train: the run plan, objectives, strategies, checkpoints, the worker loop, the driver."""
