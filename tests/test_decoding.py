@@ -1,13 +1,15 @@
-"""Block-diffusion decoding against independent references: no cache, one request at a time, and
-a brute-force sampler built on the training layout."""
+"""Decoding against independent references: no cache, one request at a time, a brute-force
+sampler built on the training layout, and Hugging Face `generate()` for the AR baseline."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
 from llada_ray.config import TinyModelConfig
-from llada_ray.decoding import BlockDecoder, Sampling
+from llada_ray.decoding import ARDecoder, BlockDecoder, Sampling
 from llada_ray.model import DiffusionLM, build_tiny_model
 from llada_ray.model.adapter import block_diffusion_inputs
 
@@ -31,9 +33,9 @@ def _prompts() -> list[list[int]]:
 @pytest.mark.parametrize("threshold", [0.05, 0.5])
 def test_cache_gives_the_tokens_of_no_cache(dlm, tiny_tokenizer, threshold):
     eos = tiny_tokenizer.eos_token_id
-    sampling = Sampling(block_size=B, threshold=threshold, max_new_tokens=30)
-    cached = BlockDecoder(dlm, eos).generate(_prompts(), sampling)
-    plain = BlockDecoder(dlm, eos, use_cache=False).generate(_prompts(), sampling)
+    sampling = Sampling(threshold=threshold, max_new_tokens=30)
+    cached = BlockDecoder(dlm, eos, B).generate(_prompts(), sampling)
+    plain = BlockDecoder(dlm, eos, B, use_cache=False).generate(_prompts(), sampling)
     assert [g.tokens for g in cached] == [g.tokens for g in plain]
     if threshold < 0.1:  # this model is that sure: whole blocks in one step
         assert all(g.tokens_per_forward > 2 for g in cached)
@@ -41,8 +43,8 @@ def test_cache_gives_the_tokens_of_no_cache(dlm, tiny_tokenizer, threshold):
 
 def test_batched_equals_one_request_at_a_time(dlm, tiny_tokenizer):
     eos = tiny_tokenizer.eos_token_id
-    sampling = Sampling(block_size=B, threshold=0.05, max_new_tokens=30)
-    decoder = BlockDecoder(dlm, eos)
+    sampling = Sampling(threshold=0.05, max_new_tokens=30)
+    decoder = BlockDecoder(dlm, eos, B)
     batched = decoder.generate(_prompts(), sampling)
     alone = [decoder.generate([p], sampling)[0] for p in _prompts()]
     assert [g.tokens for g in batched] == [g.tokens for g in alone]
@@ -81,8 +83,8 @@ def _reference(dlm: DiffusionLM, prompt: list[int], eos: int, max_new: int) -> l
 
 def test_threshold_one_equals_a_brute_force_sampler(dlm, tiny_tokenizer):
     eos = tiny_tokenizer.eos_token_id
-    sampling = Sampling(block_size=B, threshold=1.0, max_new_tokens=20)
-    out = BlockDecoder(dlm, eos).generate(_prompts(), sampling)
+    sampling = Sampling(threshold=1.0, max_new_tokens=20)
+    out = BlockDecoder(dlm, eos, B).generate(_prompts(), sampling)
     for prompt, g in zip(_prompts(), out, strict=True):
         assert g.tokens == _reference(dlm, prompt, eos, 20)
         assert g.tokens_per_forward <= 1.0
@@ -90,10 +92,73 @@ def test_threshold_one_equals_a_brute_force_sampler(dlm, tiny_tokenizer):
 
 def test_sampling_is_seeded_per_request(dlm, tiny_tokenizer):
     eos = tiny_tokenizer.eos_token_id
-    sampling = Sampling(block_size=B, threshold=0.5, max_new_tokens=16, temperature=1.0,
-                        top_k=50, top_p=0.9)  # fmt: skip
-    decoder = BlockDecoder(dlm, eos)
+    sampling = Sampling(threshold=0.5, max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.9)
+    decoder = BlockDecoder(dlm, eos, B)
     a = decoder.generate(_prompts(), sampling, seeds=[1, 2, 3, 4])
     b = decoder.generate(_prompts()[2:3], sampling, seeds=[3])
     assert a[2].tokens == b[0].tokens
     assert len({tuple(g.tokens) for g in a}) > 1
+
+
+def test_mixed_requests_in_one_batch_decode_as_alone(dlm, tiny_tokenizer):
+    """Per-request settings (τ, length, sampling) in one batch; short requests leave it early."""
+    eos = tiny_tokenizer.eos_token_id
+    samplings = [
+        Sampling(threshold=0.05, max_new_tokens=5),
+        Sampling(threshold=0.9, max_new_tokens=30),
+        Sampling(threshold=0.5, max_new_tokens=12, temperature=0.8, top_p=0.95),
+        Sampling(threshold=0.3, max_new_tokens=21, min_accept=2),
+    ]
+    seeds = [None, None, 11, None]
+    for decoder in (BlockDecoder(dlm, eos, B), ARDecoder(dlm, eos)):
+        batched = decoder.generate(_prompts(), samplings, seeds)
+        alone = [
+            decoder.generate([p], [s], [seed])[0]
+            for p, s, seed in zip(_prompts(), samplings, seeds, strict=True)
+        ]
+        assert [g.tokens for g in batched] == [g.tokens for g in alone]
+        assert [g.forwards for g in batched] == [g.forwards for g in alone]
+        assert len(batched[0].tokens) <= 5
+
+
+def test_ar_decoder_equals_hf_generate(tiny_tokenizer):
+    """The AR baseline, cached and batched, gives the greedy tokens of HF generate() on the same
+    weights with HF's own attention and cache (an untied random head, so the greedy text varies)."""
+    eos = tiny_tokenizer.eos_token_id
+    tiny = TinyModelConfig(hidden_size=64, num_layers=2, intermediate_size=128)
+    hf = build_tiny_model(tiny, tiny_tokenizer, seed=3)
+    head = torch.randn(hf.lm_head.weight.shape, generator=torch.Generator().manual_seed(3))
+    hf.lm_head.weight = torch.nn.Parameter(head)
+    reference = copy.deepcopy(hf)
+    dlm = DiffusionLM(hf, attention="dense").eval()
+    out = ARDecoder(dlm, eos).generate(_prompts(), Sampling(max_new_tokens=12))
+    assert all(len(set(g.tokens)) > 3 for g in out)
+    for prompt, g in zip(_prompts(), out, strict=True):
+        ref = reference.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            suppress_tokens=[dlm.mask_token_id],
+        )[0, len(prompt) :].tolist()
+        assert g.tokens == ref
+        assert g.forwards == len(g.tokens)
+    plain = ARDecoder(dlm, eos, use_cache=False).generate(_prompts(), Sampling(max_new_tokens=12))
+    assert [g.tokens for g in plain] == [g.tokens for g in out]
+
+
+def test_stop_check_and_context_limit(dlm, tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token_id
+    decoder = BlockDecoder(dlm, eos, B)
+    prompts = _prompts()[:2]
+    out = decoder.generate(prompts, Sampling(threshold=0.5, max_new_tokens=40),
+                           stop=lambda r, tokens: r == 1 and len(tokens) >= 8)  # fmt: skip
+    assert out[1].finish_reason == "stop" and 8 <= len(out[1].tokens) < 8 + B
+    assert out[0].finish_reason in ("length", "stop")
+    limit = dlm.hf.config.max_position_embeddings
+    with pytest.raises(ValueError, match="context"):
+        decoder.generate([[5] * (limit - 4)], Sampling(max_new_tokens=8))
+    with pytest.raises(ValueError, match="empty"):
+        ARDecoder(dlm, eos).generate([[]], Sampling())

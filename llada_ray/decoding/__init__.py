@@ -1,5 +1,8 @@
-"""Decoding: block diffusion with an exact prefix KV cache (the AR baseline arrives with #6)."""
+"""Decoding: block diffusion with an exact prefix KV cache, and the AR baseline on the same path."""
 
-from llada_ray.decoding.block import BlockDecoder, Generation, Sampling
+from llada_ray.decoding.ar import ARDecoder
+from llada_ray.decoding.batch import Decoder
+from llada_ray.decoding.block import BlockDecoder
+from llada_ray.decoding.sampling import Generation, Sampling
 
-__all__ = ["BlockDecoder", "Generation", "Sampling"]
+__all__ = ["ARDecoder", "BlockDecoder", "Decoder", "Generation", "Sampling"]

@@ -1,0 +1,71 @@
+"""The autoregressive baseline: next-token decoding of the pre-conversion model over the same
+forward path, KV cache and batch machinery as the block decoder (a causal layout is the clean
+stream at block size 1), so a speed ratio between the two measures the algorithm, not the harness.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+
+from llada_ray.decoding.batch import DecodeBatch, Decoder, StopCheck, left_padded
+from llada_ray.decoding.sampling import Generation, Sampling, choose
+from llada_ray.model.adapter import DiffusionLM
+
+
+class ARDecoder(Decoder):
+    """Greedy or sampled next-token decoding with a KV cache (`use_cache=False`: recompute)."""
+
+    def __init__(
+        self,
+        dlm: DiffusionLM,
+        eos_token_id: int,
+        use_cache: bool = True,
+        max_length: int | None = None,
+    ) -> None:
+        super().__init__(dlm, eos_token_id, max_length)
+        self.use_cache = use_cache
+
+    @torch.no_grad()
+    def stream(
+        self,
+        prompts: list[list[int]],
+        sampling: Sampling | list[Sampling],
+        seeds: list[int | None] | None = None,
+        stop: StopCheck | None = None,
+    ) -> Iterator[list[Generation]]:
+        """Yields every request's Generation (growing in place) after each token."""
+        started = time.perf_counter()
+        samplings, generators, out = self._start(prompts, sampling, seeds)
+        R = len(prompts)
+        batch = DecodeBatch(self.dlm, R, self.use_cache)
+        device = batch.device
+        # The prompt but its last token is committed by the first forward, which the last token
+        # makes: prefill and first step are one call.
+        batch.commit(*left_padded([p[:-1] for p in prompts], [0] * R, self.eos, device))
+        ids = torch.tensor([[p[-1]] for p in prompts], device=device)
+        index = torch.tensor([[len(p) - 1] for p in prompts], device=device)
+        alive = list(range(R))
+        while alive:
+            logits = batch.forward(ids, index, 1, clean=True, keep=True)
+            logits[..., self.mask] = float("-inf")
+            tokens, _ = choose(
+                logits,
+                [samplings[r] for r in alive],
+                [generators[r] for r in alive],
+                [True] * len(alive),
+            )
+            now = time.perf_counter() - started
+            for w, r in enumerate(alive):
+                out[r].forwards += 1
+                check = None if stop is None else (lambda r=r: stop(r, out[r].tokens))
+                self._extend(out[r], [int(tokens[w, 0])], samplings[r], check, now)
+            yield out
+            keep = [w for w, r in enumerate(alive) if not out[r].done]
+            rows = torch.tensor(keep, dtype=torch.long, device=device)
+            if len(keep) < len(alive):
+                batch.select(rows)
+                alive = [alive[w] for w in keep]
+            ids, index = tokens[rows], index[rows] + 1

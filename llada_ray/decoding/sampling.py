@@ -1,0 +1,77 @@
+"""Per-request sampling settings and the draw of candidate tokens. Pure torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What one request asks for. Block size is not here: it is the model's (set at training)."""
+
+    threshold: float = 0.95  # τ: accept every masked position more confident than this
+    min_accept: int = 1  # per step, at least this many (the most confident)
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+
+
+@dataclass
+class Generation:
+    """One request's output, growing while it decodes."""
+
+    tokens: list[int] = field(default_factory=list)
+    forwards: int = 0  # model calls that produced this request's tokens (incl. cache writes)
+    finish_reason: str | None = None  # "stop" (EOS or a stop condition) or "length" when done
+    seconds: float = 0.0  # wall time from the batch's start until this request finished
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return len(self.tokens) / max(self.forwards, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds else 0.0
+
+
+def _filtered(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) on one request's logits [..., V]."""
+    logits = logits / s.temperature
+    if s.top_k is not None:
+        kth = logits.topk(min(s.top_k, logits.shape[-1]), -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p is not None and s.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > s.top_p  # keep the first token that passes p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def choose(
+    logits: torch.Tensor,
+    samplings: list[Sampling],
+    generators: list[torch.Generator | None],
+    active: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate token and its probability at every position: logits [R, n, V] → [R, n] each.
+
+    Greedy rows take the argmax of the softmax. Sampling rows draw from their own generator, and
+    only while `active` (they still have something to decide), so a request's draws depend on
+    nothing but its seed and its own steps, never on the other requests of its batch.
+    """
+    logits = logits.float()
+    confidence, tokens = logits.softmax(-1).max(-1)
+    for r, s in enumerate(samplings):
+        if s.temperature > 0 and active[r]:
+            probs = _filtered(logits[r], s).softmax(-1)
+            tokens[r] = torch.multinomial(probs, 1, generator=generators[r]).squeeze(-1)
+            confidence[r] = probs.gather(-1, tokens[r, :, None]).squeeze(-1)
+    return tokens, confidence
