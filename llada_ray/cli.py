@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pydantic import ValidationError
@@ -36,7 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     validate.add_argument("config")
     pack = commands.add_parser("pack", help="tokenize and pack the config's data into storage")
     pack.add_argument("--config", required=True)
+    serve = commands.add_parser("serve", help="serve a model over the OpenAI API on Ray Serve")
+    serve.add_argument("model", help="model directory or s3:// URI (an export or a checkpoint)")
+    serve.add_argument("--config", help="serve settings: a ServeConfig YAML or serve/config.yaml")
+    serve.add_argument("--address", help="a running Ray cluster; default: start one here")
+    serve.add_argument("--name", default="llada", help="the Serve application's name")
+    serve.add_argument("--host", help="HTTP host (overrides the config)")
+    serve.add_argument("--port", type=int, help="HTTP port (overrides the config)")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
 
     try:
         cfg = load_config(args.config)
@@ -47,6 +57,50 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(cfg))
         return 0
     return _pack(cfg)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from llada_ray.config import ServeConfig, read_yaml
+
+    try:
+        raw = read_yaml(args.config) if args.config else {}
+        if "applications" in raw:  # a Serve config file: our settings are the app's args
+            raw = raw["applications"][0].get("args", {})
+        overrides = {"model": args.model, "host": args.host, "port": args.port}
+        cfg = ServeConfig.model_validate(raw | {k: v for k, v in overrides.items() if v})
+    except (ConfigError, ValidationError) as err:
+        print(f"invalid serve config {args.config or ''}:\n{err}", file=sys.stderr)
+        return 2
+
+    import ray
+    from ray import serve
+
+    from llada_ray.serve.app import build
+
+    if args.address and os.environ.get(cfg.api_key_env):
+        print(
+            f"note: replicas read {cfg.api_key_env} on the cluster's nodes, not from this "
+            "shell; set it there (e.g. a KubeRay secret)",
+            file=sys.stderr,
+        )
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.run(build(cfg.model_dump()), name=args.name, route_prefix=cfg.route_prefix)
+        url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/v1"
+        print(f"serving {cfg.model_name!r} ({cfg.model}) at {url}; Ctrl-C stops", flush=True)
+        stopped.wait()
+    finally:
+        if args.address:  # someone else's cluster: take our app away, leave the rest
+            serve.delete(args.name)
+        ray.shutdown()  # a cluster started here stops with its Serve apps
+    return 0
 
 
 def _pack(cfg: PipelineConfig) -> int:

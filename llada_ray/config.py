@@ -323,11 +323,76 @@ class PipelineConfig(Strict):
         return self
 
 
+# --- serving ----------------------------------------------------------------------------------
+
+
+class Autoscaling(Strict):
+    min_replicas: Annotated[int, Field(ge=0)] = 1
+    max_replicas: PositiveInt = 1
+    target_ongoing_requests: PositiveFloat = Field(
+        16, description="per replica; about one full batch"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be ≥ min_replicas")
+        return self
+
+
+class ServeConfig(Strict):
+    """The Serve app: which model, how it decodes, how requests are batched and limited."""
+
+    model: str = Field(description="an exported model or checkpoint directory, local or s3://")
+    model_name: str = Field("llada-ray", description="the id clients pass as `model`")
+    decoder: Literal["block", "ar"] = Field("block", description="ar: the AR baseline")
+    block_size: PositiveInt = Field(32, description="the block size the model was trained at")
+    threshold: Rate = Field(0.95, description="default τ (a request may set `threshold`)")
+    min_accept: PositiveInt = 1
+    use_cache: bool = True
+    temperature: Annotated[float, Field(ge=0, le=2)] = Field(0.0, description="default; 0 greedy")
+    default_max_tokens: PositiveInt = 128
+    max_tokens_limit: PositiveInt = Field(4096, description="larger requests are refused (400)")
+    max_length: PositiveInt | None = Field(
+        None, description="context in tokens; default: the model's max_position_embeddings"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attention: Literal["auto", "block_sparse", "dense", "flex", "eager"] = "auto"
+    torch_threads: PositiveInt | None = Field(None, description="default: the replica's CPUs")
+    max_batch_size: PositiveInt = 16
+    batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.01
+    max_ongoing_requests: PositiveInt = Field(64, description="per replica, queued + decoding")
+    num_cpus: PositiveFloat = 1.0
+    num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    autoscaling: Autoscaling = Autoscaling()
+    api_key_env: str = Field(
+        "LLADA_RAY_API_KEY", description="environment variable holding the Bearer key; unset: open"
+    )
+    route_prefix: str = "/"
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _batches_fit(self) -> ServeConfig:
+        # A batch never holds more than the replica's ongoing requests (ENVIRONMENT.md).
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("max_ongoing_requests must be ≥ max_batch_size")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens must be ≤ max_tokens_limit")
+        return self
+
+
 class ConfigError(ValueError):
     """A config file that cannot be read or does not validate; the message names the problem."""
 
 
 def load_config(path: str | Path) -> PipelineConfig:
+    return PipelineConfig.model_validate(read_yaml(path))
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping, or a ConfigError naming the file and what is wrong with it."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -337,4 +402,4 @@ def load_config(path: str | Path) -> PipelineConfig:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    return PipelineConfig.model_validate(raw)
+    return raw

@@ -25,7 +25,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def pytest_configure(config: pytest.Config) -> None:
     # Every Ray process, CLI call and S3 client the tests start inherits these.
-    os.environ.update(stack.RAY_ENV | stack.S3_ENV)
+    os.environ.update(stack.RAY_ENV | stack.S3_ENV | stack.SERVE_ENV)
     # A terminated run (CI time-out, Ctrl-C from a wrapper) still tears its services down.
     signal.signal(signal.SIGTERM, _interrupt)
 

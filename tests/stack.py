@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -31,6 +32,8 @@ RAY_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
+# The Serve tests' API key: the Ray head is started with it, so replicas can read it.
+SERVE_ENV = {"LLADA_RAY_TEST_API_KEY": secrets.token_urlsafe(16)}
 # moto accepts any credentials; these exist only for the test's S3 server.
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -102,3 +102,19 @@ def test_jobs_refuse_a_bad_config_or_phase_before_submitting(tmp_path: Path, cap
     good = Path(__file__).parent.parent / "configs" / "tiny.yaml"
     assert main("cpt", ["--config", str(good), "--phase", "nope"]) == 2
     assert "no phase 'nope' of stage cpt" in capsys.readouterr().err
+
+
+def test_serve_config_validates_and_serve_refuses_bad_settings(tmp_path: Path, capsys) -> None:
+    from llada_ray.cli import main
+    from llada_ray.serve.app import build
+
+    shipped = yaml.safe_load((Path(__file__).parent.parent / "serve" / "config.yaml").read_text())
+    app = shipped["applications"][0]
+    assert app["import_path"] == "llada_ray.serve.app:build"
+    build(app["args"])  # validates; deploys nothing
+    with pytest.raises(ValueError, match="max_ongoing_requests must be ≥ max_batch_size"):
+        build(app["args"] | {"max_batch_size": 128})
+    bad = tmp_path / "serve.yaml"
+    bad.write_text(yaml.safe_dump({"threshold": 1.5}))
+    assert main(["serve", "some/model", "--config", str(bad)]) == 2
+    assert "threshold" in capsys.readouterr().err

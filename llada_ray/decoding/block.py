@@ -40,6 +40,14 @@ class BlockDecoder(Decoder):
         """The last block is decoded whole, so the end rounds up to a block boundary."""
         return -(-(prompt_length + max_new_tokens) // self.block_size) * self.block_size
 
+    def _needed(self, blocks: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+        """Positions whose token can still reach the output: before the request's token budget
+        runs out and up to its first EOS. Accepted tokens are final, so a block whose needed
+        positions are all decided gives the same output as one decoded to the end."""
+        position = torch.arange(blocks.shape[1], device=blocks.device)
+        eos_at = torch.where(blocks == self.eos, position, blocks.shape[1]).min(-1).values
+        return position < torch.minimum(wanted, eos_at + 1)[:, None]
+
     @torch.no_grad()
     def stream(
         self,
@@ -66,15 +74,22 @@ class BlockDecoder(Decoder):
         while alive:
             index = block_start[:, None] + torch.arange(B, device=device)
             thresholds = torch.tensor([samplings[r].threshold for r in alive], device=device)
+            tail = torch.tensor([len(prompts[r]) for r in alive], device=device) - block_start
+            wanted = tail.clamp(min=0) + torch.tensor(
+                [samplings[r].max_new_tokens - len(out[r].tokens) for r in alive], device=device
+            )
             while (masked := blocks == self.mask).any():
+                running = (masked & self._needed(blocks, wanted)).any(-1)
+                if not running.any():
+                    break
+                active = running.tolist()
                 logits = batch.forward(blocks, index, B, clean=False)
                 logits[..., self.mask] = float("-inf")  # a mask is never a candidate
-                active = masked.any(-1).tolist()
                 candidates, confidence = choose(
                     logits, [samplings[r] for r in alive], [generators[r] for r in alive], active
                 )
                 confidence = confidence.masked_fill(~masked, -1.0)
-                accept = (confidence > thresholds[:, None]) & masked
+                accept = (confidence > thresholds[:, None]) & masked & running[:, None]
                 for w, r in enumerate(alive):
                     if not active[w]:
                         continue

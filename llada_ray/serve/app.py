@@ -1,0 +1,271 @@
+"""The Ray Serve app: one deployment that batches requests dynamically and answers the OpenAI API.
+
+`build(args)` is the app builder for `serve run` / `serve deploy` (serve/config.yaml) and for
+`llada-ray serve`. Requests are validated before they join a batch, so a bad request is answered
+with a 4xx at once and never touches the others; requests that pass decode together, each
+leaving the batch when it finishes.
+"""
+
+import asyncio
+import hmac
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve import Application
+from starlette.exceptions import HTTPException
+
+from llada_ray.config import ServeConfig
+from llada_ray.serve.engine import Job, RequestError, TextEngine, Update
+from llada_ray.serve.protocol import ChatRequest, CompletionRequest
+
+api = FastAPI(title="llada-ray", description="Block-diffusion LM behind the OpenAI API")
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None):
+    kind = "authentication_error" if status == 401 else "invalid_request_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+    first = err.errors()[0]
+    if first.get("type") == "json_invalid":
+        return _error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error')}")
+    # Union members add their type to the location ("prompt", "str"): keep field names only.
+    path = [p for p in first.get("loc", ())[1:] if isinstance(p, int) or _is_field(p)]
+    where = ".".join(map(str, path)) or None
+    return _error(400, f"{where or 'body'}: {first.get('msg')}", where)
+
+
+def _is_field(part: str) -> bool:
+    return part.isidentifier() and part not in {"str", "int", "float", "bool", "list", "dict"}
+
+
+@api.exception_handler(RequestError)
+async def _refused(request: Request, err: RequestError) -> JSONResponse:
+    return _error(err.status, err.message, err.param, err.code)
+
+
+@api.exception_handler(HTTPException)
+async def _http(request: Request, err: HTTPException) -> JSONResponse:
+    return _error(err.status_code, str(err.detail))
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def _decoding(finals: list[Update]) -> dict:
+    """Our extension to `usage`: how the tokens were decoded."""
+    tokens, forwards = sum(u.completion_tokens for u in finals), sum(u.forwards for u in finals)
+    return {
+        "forwards": forwards,
+        "tokens_per_forward": round(tokens / max(forwards, 1), 3),
+        "seconds": round(max((u.seconds for u in finals), default=0.0), 4),
+    }
+
+
+@serve.deployment(name="LLaDAServer")
+@serve.ingress(api)
+class LLaDAServer:
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.engine = TextEngine.load(cfg)
+        self.decode.set_max_batch_size(cfg.max_batch_size)
+        self.decode.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.api_key = os.environ.get(cfg.api_key_env) or None
+        self.created = int(time.time())
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def decode(self, jobs: list[Job]) -> AsyncIterator[list[Update | type[StopIteration]]]:
+        """One decoder run for the batch; every step hands each caller its update."""
+        steps = self.engine.run(jobs)
+        while (step := await asyncio.to_thread(next, steps, None)) is not None:
+            yield [StopIteration if u is None else u for u in step]
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token, self.api_key):
+            raise RequestError(
+                "missing or wrong API key (Authorization: Bearer …)",
+                status=401,
+                code="invalid_api_key",
+            )
+
+    def _check_model(self, name: str) -> None:
+        if name != self.cfg.model_name:
+            raise RequestError(
+                f"model {name!r} does not exist; this server has {self.cfg.model_name!r}",
+                "model",
+                404,
+                "model_not_found",
+            )
+
+    def _jobs(self, body: CompletionRequest | ChatRequest, prompts: list[list[int]]) -> list[Job]:
+        limit = body.token_limit if isinstance(body, ChatRequest) else body.max_tokens
+        jobs = []
+        for ids in prompts:
+            for i in range(body.n):
+                seed = None if body.seed is None else body.seed + i
+                jobs.append(
+                    self.engine.job(
+                        ids,
+                        max_tokens=limit,
+                        temperature=body.temperature,
+                        top_p=body.top_p,
+                        top_k=body.top_k,
+                        threshold=body.threshold,
+                        min_accept=body.min_accept,
+                        seed=seed,
+                        stop=body.stops,
+                    )
+                )
+        return jobs
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
+        card = {
+            "id": self.cfg.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "llada-ray",
+        }
+        return {"object": "list", "data": [card]}
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._authorize(request)
+        self._check_model(body.model)
+        jobs = self._jobs(body, [self.engine.encode_text(p) for p in body.prompts])
+        return await self._respond(body, jobs, "text_completion", "cmpl")
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, body: ChatRequest, request: Request):
+        self._authorize(request)
+        self._check_model(body.model)
+        ids = self.engine.encode_chat([m.plain() for m in body.messages])
+        jobs = self._jobs(body, [ids])
+        return await self._respond(body, jobs, "chat.completion", "chatcmpl")
+
+    async def _respond(self, body, jobs: list[Job], kind: str, prefix: str):
+        head = {
+            "id": f"{prefix}-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": self.cfg.model_name,
+        }
+        chat = kind == "chat.completion"
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            events = self._stream(jobs, head | {"object": f"{kind}.chunk"}, chat, usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        finals = await asyncio.gather(*(self._collect(job) for job in jobs))
+        choices = []
+        for i, (text, last) in enumerate(finals):
+            content = (
+                {"message": {"role": "assistant", "content": text}}
+                if chat
+                else {"text": text, "logprobs": None}
+            )
+            choices.append({"index": i, **content, "finish_reason": last.finish_reason})
+        return head | {
+            "object": kind,
+            "choices": choices,
+            "usage": _usage(
+                sum(last.prompt_tokens for _, last in finals),
+                sum(last.completion_tokens for _, last in finals),
+            ),
+            "decoding": _decoding([last for _, last in finals]),
+        }
+
+    async def _collect(self, job: Job) -> tuple[str, Update]:
+        parts, last = [], None
+        async for update in self.decode(job):
+            parts.append(update.text)
+            last = update
+        return "".join(parts), last
+
+    async def _stream(self, jobs: list[Job], head: dict, chat: bool, usage: bool):
+        """SSE: a chunk per finished block of each choice, the finish reason, then [DONE]."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, job: Job) -> None:
+            async for update in self.decode(job):
+                await queue.put((i, update))
+            await queue.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+        finals: list[Update] = []
+        try:
+            if chat:
+                first = [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "finish_reason": None,
+                    }
+                    for i in range(len(jobs))
+                ]
+                yield _sse(head | {"choices": first})
+            running = len(jobs)
+            while running:
+                i, update = await queue.get()
+                if update is None:
+                    running -= 1
+                    continue
+                piece = (
+                    {"delta": {"content": update.text}}
+                    if chat
+                    else {"text": update.text, "logprobs": None}
+                )
+                choice = {"index": i, **piece, "finish_reason": update.finish_reason}
+                yield _sse(head | {"choices": [choice]})
+                if update.finish_reason is not None:
+                    finals.append(update)
+            if usage:
+                totals = _usage(
+                    sum(u.prompt_tokens for u in finals), sum(u.completion_tokens for u in finals)
+                )
+                yield _sse(head | {"choices": [], "usage": totals, "decoding": _decoding(finals)})
+            yield _sse("[DONE]")
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+def build(args: dict) -> Application:
+    """App builder: `args` are a ServeConfig (validated here, before anything is deployed)."""
+    try:
+        cfg = ServeConfig.model_validate(args)
+    except ValidationError as err:
+        raise ValueError(f"invalid serve config:\n{err}") from err
+    return LLaDAServer.options(
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        autoscaling_config=cfg.autoscaling.model_dump()
+        | {"target_ongoing_requests": cfg.autoscaling.target_ongoing_requests},
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+    ).bind(cfg)

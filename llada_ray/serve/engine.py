@@ -1,0 +1,205 @@
+"""Text in, text out: a decoder plus its tokenizer, with the limits a server must enforce.
+
+No Ray here: the Serve deployment, the benchmarks and the demo all drive this one engine.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from llada_ray.config import ServeConfig
+from llada_ray.decoding import ARDecoder, BlockDecoder, Decoder, Generation, Sampling
+from llada_ray.model import DiffusionLM, load_model
+from llada_ray.storage import filesystem_for
+
+# What a model directory needs for serving; a training checkpoint's optimizer state stays behind.
+MODEL_FILES = (".json", ".safetensors", ".txt", ".model", ".jinja")
+
+
+class RequestError(ValueError):
+    """A request the server refuses; `status` and `code` go into the OpenAI-style error body."""
+
+    def __init__(
+        self, message: str, param: str | None = None, status: int = 400, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated request, ready to decode."""
+
+    prompt_ids: list[int]
+    sampling: Sampling
+    seed: int | None = None
+    stops: tuple[str, ...] = ()
+
+
+@dataclass
+class Update:
+    """A job's progress after one decoder step: the text since the previous update."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    forwards: int
+    seconds: float
+
+
+@dataclass
+class _Progress:
+    sent: int = 0  # characters of the decoded text already given out
+    finished: bool = False
+
+
+def fetch_model(uri: str, cfg: ServeConfig) -> Path:
+    """A local directory holding the model: the URI itself, or a copy of its files from S3."""
+    fs, path = filesystem_for(uri, cfg.storage)
+    if isinstance(fs, pafs.LocalFileSystem):
+        if not Path(path, "config.json").is_file():
+            raise FileNotFoundError(f"{uri}: no config.json (not a model directory)")
+        return Path(path)
+    local = Path(tempfile.mkdtemp(prefix="llada-model-"))
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    names = [i.base_name for i in infos if i.is_file and i.base_name.endswith(MODEL_FILES)]
+    if "config.json" not in names:
+        raise FileNotFoundError(f"{uri}: no config.json (not a model directory)")
+    for name in names:
+        pafs.copy_files(f"{path}/{name}", str(local / name), source_filesystem=fs)
+    return local
+
+
+class TextEngine:
+    def __init__(
+        self, dlm: DiffusionLM, tokenizer: PreTrainedTokenizerBase, cfg: ServeConfig
+    ) -> None:
+        self.tokenizer, self.cfg = tokenizer, cfg
+        eos = tokenizer.eos_token_id
+        self.decoder: Decoder = (
+            BlockDecoder(dlm, eos, cfg.block_size, cfg.use_cache, cfg.max_length)
+            if cfg.decoder == "block"
+            else ARDecoder(dlm, eos, cfg.use_cache, cfg.max_length)
+        )
+
+    @classmethod
+    def load(cls, cfg: ServeConfig) -> TextEngine:
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        hf, tokenizer = load_model(fetch_model(cfg.model, cfg), dtype=cfg.dtype)
+        device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        return cls(DiffusionLM(hf.to(device), attention=cfg.attention), tokenizer, cfg)
+
+    @property
+    def context_length(self) -> int:
+        return self.decoder.max_length
+
+    def encode_text(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        if self.tokenizer.chat_template is None:
+            raise RequestError("this model has no chat template: use /v1/completions", "messages")
+        encoded = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True
+        )
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+    def job(
+        self,
+        prompt_ids: list[int],
+        *,
+        max_tokens: int | None,
+        temperature: float | None,
+        top_p: float | None,
+        top_k: int | None,
+        threshold: float | None,
+        min_accept: int | None,
+        seed: int | None,
+        stop: tuple[str, ...],
+    ) -> Job:
+        """A Job, or a RequestError naming the parameter that is out of bounds."""
+        cfg = self.cfg
+        max_tokens = cfg.default_max_tokens if max_tokens is None else max_tokens
+        if max_tokens > cfg.max_tokens_limit:
+            raise RequestError(
+                f"max_tokens {max_tokens} exceeds this server's limit of {cfg.max_tokens_limit}",
+                "max_tokens",
+            )
+        if not prompt_ids:
+            raise RequestError("the prompt is empty", "prompt")
+        try:
+            self.decoder.check(len(prompt_ids), max_tokens)
+        except ValueError as err:
+            raise RequestError(str(err), "max_tokens", code="context_length_exceeded") from err
+        if top_k is not None and top_k > len(self.tokenizer):
+            raise RequestError(f"top_k {top_k} exceeds the vocabulary", "top_k")
+        sampling = Sampling(
+            threshold=cfg.threshold if threshold is None else threshold,
+            min_accept=cfg.min_accept if min_accept is None else min_accept,
+            max_new_tokens=max_tokens,
+            temperature=cfg.temperature if temperature is None else temperature,
+            top_k=top_k,
+            top_p=top_p,
+        )
+        return Job(prompt_ids, sampling, seed, stop)
+
+    def run(self, jobs: list[Job]) -> Iterator[list[Update | None]]:
+        """Decodes the jobs as one batch; per decoder step an Update for every job still going,
+        None for those that finished at an earlier step."""
+        progress = [_Progress() for _ in jobs]
+
+        def stopped(r: int, tokens: list[int]) -> bool:
+            return _stop_at(self._text(tokens), jobs[r].stops) is not None
+
+        steps = self.decoder.stream(
+            [j.prompt_ids for j in jobs],
+            [j.sampling for j in jobs],
+            [j.seed for j in jobs],
+            stop=stopped if any(j.stops for j in jobs) else None,
+        )
+        for generations in steps:
+            yield [
+                None if p.finished else self._update(job, g, p)
+                for job, g, p in zip(jobs, generations, progress, strict=True)
+            ]
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _update(self, job: Job, g: Generation, p: _Progress) -> Update:
+        text = self._text(g.tokens)
+        cut = _stop_at(text, job.stops)
+        if cut is not None:
+            text = text[:cut]
+        if g.done:
+            end, p.finished = len(text), True
+        else:
+            # Hold back what may still become a stop string, or half of a multi-byte character.
+            end = len(text) - max((len(s) - 1 for s in job.stops), default=0)
+            while end > 0 and text[end - 1] == "\ufffd":
+                end -= 1
+        end = max(end, p.sent)
+        delta, p.sent = text[p.sent : end], end
+        return Update(
+            delta,
+            g.finish_reason,
+            len(job.prompt_ids),
+            len(g.tokens),
+            g.forwards,
+            g.seconds,
+        )
+
+
+def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the earliest stop string starts in the text, if any."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None

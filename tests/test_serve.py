@@ -1,0 +1,234 @@
+"""The Serve app over real HTTP: two apps deployed with `llada-ray serve` on the test Ray head, one
+open (model from a local directory), one behind an API key (model from the S3 server). Answers
+are checked against the same engine run in this process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from llada_ray.config import ServeConfig, TinyModelConfig
+from llada_ray.model import build_tiny_model, save_model
+from llada_ray.serve.engine import TextEngine
+from tests import stack
+
+MODEL = "tiny-bd"
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer, s3) -> Path:
+    hf = build_tiny_model(TinyModelConfig(hidden_size=64, num_layers=2, intermediate_size=128),
+                          tiny_tokenizer, seed=5)  # fmt: skip
+    directory = tmp_path_factory.mktemp("served") / "model"
+    save_model(hf, tiny_tokenizer, directory)
+    client = s3.client()
+    for f in directory.iterdir():
+        client.upload_file(str(f), s3.bucket, f"serve-test/model/{f.name}")
+    return directory
+
+
+def _settings(**extra: object) -> dict:
+    return {"model_name": MODEL, "block_size": 8, "threshold": 0.9, "max_tokens_limit": 256,
+            "default_max_tokens": 24, "max_batch_size": 8, "max_ongoing_requests": 16,
+            "num_cpus": 0.5, **extra}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _serve(
+    tmp: Path, head: stack.RayHead, model: str, name: str, port: int, settings: dict
+) -> Iterator[str]:
+    """`llada-ray serve` as its own process group, until its app answers /health."""
+    config = tmp / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    cmd = [str(stack.BIN / "llada-ray"), "serve", model, "--config", str(config),
+           "--address", head.address, "--name", name, "--port", str(port)]  # fmt: skip
+    log = tmp / f"{name}-logs" / "serve.log"
+    log.parent.mkdir()
+    base = f"http://127.0.0.1:{port}{settings.get('route_prefix', '/').rstrip('/')}"
+    with stack.process_group(cmd, log, {}) as proc:
+        deadline = time.monotonic() + 180
+        while True:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{base}/health", timeout=2).ok:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"llada-ray serve did not come up:\n{log.read_text()}")
+            time.sleep(0.5)
+        yield base
+
+
+@pytest.fixture(scope="module")
+def servers(ray_cluster, s3, model_dir, tmp_path_factory) -> Iterator[tuple[str, str]]:
+    tmp = tmp_path_factory.mktemp("serve")
+    port = stack.free_port()  # one HTTP proxy per cluster: both apps share it
+    secure = _settings(
+        api_key_env="LLADA_RAY_TEST_API_KEY",
+        route_prefix="/secure",
+        storage={"endpoint_url": s3.endpoint_url},
+    )
+    with (
+        _serve(tmp, ray_cluster, str(model_dir), "open", port, _settings()) as open_url,
+        _serve(tmp, ray_cluster, f"s3://{s3.bucket}/serve-test/model", "secure", port,
+               secure) as secure_url,
+    ):  # fmt: skip
+        yield open_url, secure_url
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir) -> TextEngine:
+    """The same model and settings, in this process: what the server must answer."""
+    return TextEngine.load(ServeConfig.model_validate(_settings(model=str(model_dir))))
+
+
+def _post(url: str, body: dict | str, headers: dict | None = None) -> requests.Response:
+    data = body if isinstance(body, str) else json.dumps(body)
+    return requests.post(url, data=data, headers=JSON | (headers or {}), timeout=60)
+
+
+def _expected(engine: TextEngine, prompt_ids: list[int], **kw) -> tuple[str, str, int]:
+    args = {"max_tokens": None, "temperature": None, "top_p": None, "top_k": None,
+            "threshold": None, "min_accept": None, "seed": None, "stop": ()} | kw  # fmt: skip
+    text, last = "", None
+    for step in engine.run([engine.job(prompt_ids, **args)]):
+        if step[0] is not None:
+            text, last = text + step[0].text, step[0]
+    return text, last.finish_reason, last.completion_tokens
+
+
+def test_models_and_health(servers):
+    open_url, _ = servers
+    assert requests.get(f"{open_url}/health", timeout=10).json() == {"status": "ok"}
+    models = requests.get(f"{open_url}/v1/models", timeout=10).json()
+    assert [m["id"] for m in models["data"]] == [MODEL] and models["object"] == "list"
+
+
+def test_completion_is_the_decoders_answer(servers, engine):
+    open_url, _ = servers
+    prompt = "def parse(self, text):"
+    r = _post(f"{open_url}/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 30})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    text, reason, completion = _expected(engine, engine.encode_text(prompt), max_tokens=30)
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == text and body["choices"][0]["finish_reason"] == reason
+    n_prompt = len(engine.encode_text(prompt))
+    assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": completion,
+                             "total_tokens": n_prompt + completion}  # fmt: skip
+    assert body["decoding"]["forwards"] > 0
+
+    stop = text[6:9]  # a stop string the greedy answer is known to contain
+    r = _post(f"{open_url}/v1/completions",
+              {"model": MODEL, "prompt": prompt, "max_tokens": 30, "stop": [stop]})  # fmt: skip
+    choice = r.json()["choices"][0]
+    assert choice["text"] == text[: text.index(stop)] and choice["finish_reason"] == "stop"
+
+
+def test_chat_streams_block_by_block(servers, engine):
+    open_url, _ = servers
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 40}
+    whole = _post(f"{open_url}/v1/chat/completions", body).json()
+    ids = engine.encode_chat(messages)
+    text, reason, completion = _expected(engine, ids, max_tokens=40)
+    assert whole["object"] == "chat.completion"
+    assert whole["choices"][0]["message"] == {"role": "assistant", "content": text}
+
+    stream = body | {"stream": True, "stream_options": {"include_usage": True}}
+    with requests.post(f"{open_url}/v1/chat/completions", data=json.dumps(stream),
+                       headers=JSON, stream=True, timeout=60) as r:  # fmt: skip
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines(decode_unicode=True) if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    deltas = [c["choices"][0] for c in chunks[1:-1]]
+    assert len(deltas) >= 2  # the 40 tokens arrive as blocks of 8, not all at the end
+    assert "".join(d["delta"]["content"] for d in deltas) == text
+    assert deltas[-1]["finish_reason"] == reason
+    assert chunks[-1]["usage"]["completion_tokens"] == completion
+
+
+def test_concurrent_requests_each_get_their_own_answer(servers, engine):
+    """Requests of different lengths and settings batch together, with bad ones in between; each
+    good one gets exactly its single-request answer, each bad one a 400."""
+    open_url, _ = servers
+    prompts = ["import os", "class A:", "for i in range(10):\n    print(i)", "x", "return"] * 2
+    good = [{"model": MODEL, "prompt": p, "max_tokens": 8 + 5 * i, "threshold": 0.5 + 0.04 * i}
+            for i, p in enumerate(prompts)]  # fmt: skip
+    bad = [{"model": MODEL, "prompt": p, "max_tokens": -1} for p in prompts[:4]]
+    with ThreadPoolExecutor(len(good) + len(bad)) as pool:
+        responses = list(pool.map(lambda b: _post(f"{open_url}/v1/completions", b), good + bad))
+    for body, r in zip(good, responses, strict=False):
+        ids = engine.encode_text(body["prompt"])
+        text, _, _ = _expected(engine, ids, max_tokens=body["max_tokens"],
+                               threshold=body["threshold"])  # fmt: skip
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == text
+    assert [r.status_code for r in responses[len(good) :]] == [400] * len(bad)
+
+
+BAD = [
+    ("/v1/completions", "{not json", 400, None),
+    ("/v1/completions", "[1, 2]", 400, None),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "a"}, 404, "model"),
+    ("/v1/completions", {"model": MODEL}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": 17}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 10**9}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": "5"}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "temperature": 9}, 400, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "top_p": 1.5}, 400, "top_p"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "stop": [""]}, 400, "stop"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]},
+     400, "messages.0.role"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, 400,
+     "messages.0.content"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), BAD)
+def test_bad_requests_get_a_4xx_naming_the_problem(servers, path, body, status, param):
+    open_url, _ = servers
+    r = _post(f"{open_url}{path}", body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param, error
+
+
+def test_prompt_longer_than_the_context(servers, engine):
+    open_url, _ = servers
+    prompt = "x = 1\n" * (engine.context_length // 2)
+    r = _post(f"{open_url}/v1/completions", {"model": MODEL, "prompt": prompt})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_api_key_is_required_when_set(servers):
+    _, secure_url = servers
+    key = stack.SERVE_ENV["LLADA_RAY_TEST_API_KEY"]
+    body = {"model": MODEL, "prompt": "import os", "max_tokens": 8}
+    assert requests.get(f"{secure_url}/health", timeout=10).ok  # probes need no key
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
+        r = _post(f"{secure_url}/v1/completions", body, headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert (
+            requests.get(f"{secure_url}/v1/models", headers=headers, timeout=10).status_code == 401
+        )
+    ok = _post(f"{secure_url}/v1/completions", body, {"Authorization": f"Bearer {key}"})
+    assert ok.status_code == 200 and ok.json()["model"] == MODEL
