@@ -100,7 +100,8 @@ def test_sampling_is_seeded_per_request(dlm, tiny_tokenizer):
     assert len({tuple(g.tokens) for g in a}) > 1
 
 
-def test_mixed_requests_in_one_batch_decode_as_alone(dlm, tiny_tokenizer):
+@pytest.mark.parametrize("prompt_cut", [None, B - 1])  # B - 1: no prompt fills a block
+def test_mixed_requests_in_one_batch_decode_as_alone(dlm, tiny_tokenizer, prompt_cut):
     """Per-request settings (τ, length, sampling) in one batch; short requests leave it early."""
     eos = tiny_tokenizer.eos_token_id
     samplings = [
@@ -110,11 +111,12 @@ def test_mixed_requests_in_one_batch_decode_as_alone(dlm, tiny_tokenizer):
         Sampling(threshold=0.3, max_new_tokens=21, min_accept=2),
     ]
     seeds = [None, None, 11, None]
+    prompts = [p[:prompt_cut] for p in _prompts()]
     for decoder in (BlockDecoder(dlm, eos, B), ARDecoder(dlm, eos)):
-        batched = decoder.generate(_prompts(), samplings, seeds)
+        batched = decoder.generate(prompts, samplings, seeds)
         alone = [
             decoder.generate([p], [s], [seed])[0]
-            for p, s, seed in zip(_prompts(), samplings, seeds, strict=True)
+            for p, s, seed in zip(prompts, samplings, seeds, strict=True)
         ]
         assert [g.tokens for g in batched] == [g.tokens for g in alone]
         assert [g.forwards for g in batched] == [g.forwards for g in alone]

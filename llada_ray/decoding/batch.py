@@ -97,7 +97,11 @@ class DecodeBatch:
         self.context = tuple(x[rows] for x in self.context)
         self.pending = tuple(x[rows] for x in self.pending)
         if self.cache is not None:
-            self.cache.batch_select_indices(rows)
+            # Not cache.batch_select_indices: it skips layers holding no tokens yet (prompts
+            # shorter than a block), which keep the old batch size.
+            for layer in self.cache.layers:
+                if layer.is_initialized:
+                    layer.keys, layer.values = layer.keys[rows], layer.values[rows]
 
 
 StopCheck = Callable[[int, list[int]], bool]  # (request index, tokens so far) → finished?
