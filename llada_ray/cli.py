@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     validate.add_argument("config")
     pack = commands.add_parser("pack", help="tokenize and pack the config's data into storage")
     pack.add_argument("--config", required=True)
+    run = commands.add_parser("run", help="run the whole pipeline; committed stages are skipped")
+    run.add_argument("config")
+    run.add_argument("--force-from", metavar="STAGE", help="redo this stage and all after it")
+    status = commands.add_parser("status", help="the stage table of a pipeline, from storage")
+    status.add_argument("config")
     serve = commands.add_parser("serve", help="serve a model over the OpenAI API on Ray Serve")
     serve.add_argument("model", help="model directory or s3:// URI (an export or a checkpoint)")
     serve.add_argument("--config", help="serve settings: a ServeConfig YAML or serve/config.yaml")
@@ -47,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "run":
+        from llada_ray.pipeline.scheduler import main as run_pipeline
+
+        force = ["--force-from", args.force_from] if args.force_from else []
+        return run_pipeline(["--config", args.config, *force])
 
     try:
         cfg = load_config(args.config)
@@ -55,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "validate":
         print(describe(cfg))
+        return 0
+    if args.command == "status":
+        from llada_ray.pipeline.status import render
+
+        print(render(cfg))
         return 0
     return _pack(cfg)
 

@@ -228,6 +228,22 @@ class StorageConfig(Strict):
 class TrackingConfig(Strict):
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI")
     experiment: str = "llada-ray"
+    registered_model: str | None = Field(
+        None, description="MLflow registry name of the exported model; default: the pipeline's"
+    )
+    model_alias: str = Field("candidate", description="alias set on each newly exported version")
+
+
+class EvaluationConfig(Strict):
+    """Task accuracy after each post-training stage, decoded as served (the tiny default)."""
+
+    task_examples: Annotated[int, Field(ge=0)] = Field(
+        0, description="held-out verifiable-task examples; 0: no evaluation"
+    )
+    seed: int = Field(99, description="a seed no data source uses")
+    threshold: Rate = 0.9
+    max_new_tokens: PositiveInt = 32
+    batch_size: PositiveInt = 16
 
 
 class ScalingConfig(Strict):
@@ -261,6 +277,7 @@ class PipelineConfig(Strict):
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
     scaling: ScalingConfig = ScalingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     @field_validator("stages")
     @classmethod

@@ -14,6 +14,10 @@ from transformers import (
 
 from llada_ray.model.adapter import ensure_mask_token
 
+# The files of a model directory (weights, config, tokenizer, chat template); a training
+# checkpoint's optimizer state and manifest are not part of the model.
+MODEL_FILES = (".json", ".safetensors", ".txt", ".model", ".jinja")
+
 
 def save_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path

@@ -17,10 +17,8 @@ from transformers import PreTrainedTokenizerBase
 from llada_ray.config import ServeConfig
 from llada_ray.decoding import ARDecoder, BlockDecoder, Decoder, Generation, Sampling
 from llada_ray.model import DiffusionLM, load_model
+from llada_ray.model.io import MODEL_FILES
 from llada_ray.storage import filesystem_for
-
-# What a model directory needs for serving; a training checkpoint's optimizer state stays behind.
-MODEL_FILES = (".json", ".safetensors", ".txt", ".model", ".jinja")
 
 
 class RequestError(ValueError):
@@ -70,7 +68,11 @@ def fetch_model(uri: str, cfg: ServeConfig) -> Path:
         return Path(path)
     local = Path(tempfile.mkdtemp(prefix="llada-model-"))
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-    names = [i.base_name for i in infos if i.is_file and i.base_name.endswith(MODEL_FILES)]
+    names = [
+        i.base_name
+        for i in infos
+        if i.is_file and i.base_name.endswith(MODEL_FILES) and i.base_name != "manifest.json"
+    ]
     if "config.json" not in names:
         raise FileNotFoundError(f"{uri}: no config.json (not a model directory)")
     for name in names:

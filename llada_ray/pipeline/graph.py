@@ -1,0 +1,72 @@
+"""A pipeline config as its ordered stage graph, each stage with the hash of what defines it.
+
+pack → [ar_pretrain] → cpt-<phase>… → merge → sft → cap → dpo → export. Every stage starts from
+the one before it, so a stage's hash chains its own settings with its predecessor's hash: a change
+anywhere upstream changes every hash after it, and a committed stage whose hash no longer matches
+was built from something else. Pure Python: `llada-ray status` plans without torch or Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from llada_ray.config import PipelineConfig
+from llada_ray.train.plan import Unit, units
+
+StageKind = Literal["pack", "train", "merge", "export"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    kind: StageKind
+    unit: Unit | None
+    config_hash: str
+
+
+def _digest(previous: str, settings: dict) -> str:
+    text = json.dumps({"after": previous, "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _settings(cfg: PipelineConfig, unit: Unit) -> dict:
+    """What a run's result depends on. Storage, tracking and retries do not change it; the
+    worker count does (it sets the global batch and the sample order)."""
+    return {
+        "run": unit.name,
+        "objective": unit.objective,
+        "block_size": unit.block_size,
+        "tokens": unit.tokens,
+        "lr": unit.lr,
+        "first_of_stage": unit.first_of_stage,
+        "stage": unit.stage.model_dump(mode="json", exclude={"phases"}),
+        "workers": cfg.scaling.num_workers,
+        "strategy": cfg.scaling.strategy,
+    }
+
+
+def stage_graph(cfg: PipelineConfig) -> list[Stage]:
+    data = {
+        "seed": cfg.seed,
+        "model": cfg.model.model_dump(mode="json"),
+        "tokenizer": cfg.tokenizer.model_dump(mode="json"),
+        "data": cfg.data.model_dump(mode="json"),
+    }
+    previous = _digest("", data)
+    graph = [Stage("pack", "pack", None, previous)]
+    for unit in units(cfg):
+        previous = _digest(previous, _settings(cfg, unit))
+        kind: StageKind = "merge" if unit.objective == "merge" else "train"
+        graph.append(Stage(unit.name, kind, unit, previous))
+    graph.append(Stage("export", "export", None, _digest(previous, {"export": True})))
+    return graph
+
+
+def find_stage(graph: list[Stage], name: str) -> Stage:
+    for stage in graph:
+        if stage.name == name:
+            return stage
+    raise ValueError(f"no stage {name!r}; the stages are {[s.name for s in graph]}")

@@ -1,0 +1,209 @@
+"""The scheduler: runs a pipeline's stage graph in order, skipping what is committed.
+
+Each stage runs as its Ray Train run (`llada_ray.train.run.run_unit`), which starts from the
+previous stage's output and resumes its own checkpoints after any crash; this process only
+orchestrates (it is the job's driver and holds no worker CPUs). A stage is committed by its
+manifest (inputs, output, a summary of its metrics, config hash, code version). A committed stage
+whose settings changed is refused, naming it, unless the run is forced from it or earlier.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+from llada_ray import tracking
+from llada_ray.config import PipelineConfig
+from llada_ray.data.pack import pack_all
+from llada_ray.pipeline import lineage, manifests
+from llada_ray.pipeline.graph import Stage, find_stage, stage_graph
+from llada_ray.train.run import merge_path, pipeline_root, run_path, run_unit
+
+
+class ChangedStageError(ValueError):
+    """A committed stage's settings differ from the config's."""
+
+
+@dataclass
+class PipelineOutcome:
+    ran: list[str]
+    skipped: list[str]
+    export: str | None
+    overhead_seconds: float  # the scheduler's own work: manifests, tracking, export bookkeeping
+
+
+def check_committed(graph: list[Stage], committed: dict[str, dict]) -> None:
+    for stage in graph:
+        found = committed.get(stage.name)
+        if found is not None and found["config_hash"] != stage.config_hash:
+            raise ChangedStageError(
+                f"stage {stage.name!r} is committed with other settings (hash "
+                f"{found['config_hash']}, the config now gives {stage.config_hash}): its output "
+                f"came from a different config. Rerun with --force-from {stage.name} to redo it "
+                "and everything after it, or restore the config."
+            )
+
+
+def forget_from(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, name: str) -> None:
+    """Delete the manifests and outputs of stage `name` and of every stage after it."""
+    graph = stage_graph(cfg)
+    start = graph.index(find_stage(graph, name))
+    for stage in graph[start:]:
+        manifests.delete(fs, run_root, stage.name)
+        for path in _outputs_of(run_root, stage):
+            if fs.get_file_info(path).type != pafs.FileType.NotFound:
+                fs.delete_dir(path)
+
+
+def _outputs_of(run_root: str, stage: Stage) -> list[str]:
+    if stage.kind == "pack":
+        return [f"{run_root}/tokenizer", f"{run_root}/data"]
+    if stage.kind == "merge":
+        return [merge_path(run_root)]
+    if stage.kind == "export":
+        return [lineage.export_path(run_root)]
+    assert stage.unit is not None
+    return [run_path(run_root, stage.unit)]
+
+
+def run_pipeline(
+    cfg: PipelineConfig, force_from: str | None = None, say: Callable[[str], None] = print
+) -> PipelineOutcome:
+    fs, run_root = pipeline_root(cfg)
+    graph = stage_graph(cfg)
+    if force_from is not None:
+        find_stage(graph, force_from)  # an unknown name fails before anything is deleted
+        forget_from(cfg, fs, run_root, force_from)
+    overhead = time.perf_counter()
+    committed = manifests.read_all(fs, run_root)
+    check_committed(graph, committed)
+    todo = [s for s in graph if s.name not in committed]
+    overhead = time.perf_counter() - overhead
+    if not todo:
+        say(f"pipeline {cfg.name!r}: all {len(graph)} stages are committed; nothing to train")
+        return PipelineOutcome([], [s.name for s in graph], _export_of(committed), overhead)
+
+    started = time.perf_counter()
+    parent = tracking.start_run(cfg, "pipeline", {"pipeline": cfg.model_dump(mode="json")})
+    overhead += time.perf_counter() - started
+    outputs = {name: m.get("output") for name, m in committed.items()}
+    ran, skipped = [], []
+    previous: str | None = None  # the output the next stage starts from
+    model: str | None = None  # the newest model: what export publishes
+    try:
+        for stage in graph:
+            if stage.name in committed:
+                say(f"{stage.name:<16} committed, skipped")
+                skipped.append(stage.name)
+                previous = committed[stage.name].get("output") or previous
+                model = previous if stage.kind in ("train", "merge") else model
+                continue
+            say(f"{stage.name:<16} running")
+            t0, began = time.perf_counter(), manifests.now()
+            output, summary, stage_overhead = _run_stage(cfg, stage, parent, model, say)
+            seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            manifests.write(
+                fs,
+                run_root,
+                {
+                    "stage": stage.name,
+                    "kind": stage.kind,
+                    "config_hash": stage.config_hash,
+                    "code_version": manifests.code_version(),
+                    "input": previous,
+                    "output": output,
+                    "summary": summary,
+                    "started": began,
+                    "finished": manifests.now(),
+                    "seconds": round(seconds, 3),
+                    "mlflow_parent_run_id": parent,
+                },
+            )
+            overhead += time.perf_counter() - t1 + stage_overhead
+            say(f"{stage.name:<16} committed in {seconds:.1f} s → {output}")
+            outputs[stage.name] = output
+            previous = output or previous
+            model = previous if stage.kind in ("train", "merge") else model
+            ran.append(stage.name)
+    except BaseException:
+        tracking.finish_run(cfg, parent, None, failed=True)
+        raise
+    tracking.finish_run(cfg, parent, None)
+    return PipelineOutcome(ran, skipped, outputs.get("export"), overhead)
+
+
+def _export_of(committed: dict[str, dict]) -> str | None:
+    return committed.get("export", {}).get("output")
+
+
+def _run_stage(
+    cfg: PipelineConfig,
+    stage: Stage,
+    parent: str,
+    model: str | None,
+    say: Callable[[str], None],
+) -> tuple[str | None, dict, float]:
+    """(output path, metrics summary, seconds of bookkeeping) of one stage."""
+    fs, run_root = pipeline_root(cfg)
+    if stage.kind == "pack":
+        packed = pack_all(cfg, fs, run_root)
+        summary = {
+            name: {k: p.manifest.get(k) for k in ("rows", "tokens", "documents")}
+            for name, p in packed.items()
+        }
+        return f"{run_root}/data", summary, 0.0
+    if stage.kind == "export":
+        if model is None:
+            raise ValueError("export: the pipeline trained no model")
+        t0 = time.perf_counter()
+        export = lineage.export(cfg, fs, run_root, model)
+        bookkeeping = time.perf_counter() - t0
+        summary = lineage.finish(cfg, fs, run_root, export, parent, say)
+        return export, summary, bookkeeping
+    assert stage.unit is not None
+    outcome = run_unit(cfg, stage.unit, parent)
+    m = outcome.manifest
+    summary = {k: m.get(k) for k in ("step", "samples", "tokens", "val_loss", "resumed_from")}
+    return outcome.output, summary, 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python jobs/pipeline.py --config C [--force-from STAGE]`: the whole pipeline."""
+    import argparse
+    import sys
+
+    import ray
+    from pydantic import ValidationError
+    from ray.train import TrainingFailedError
+
+    from llada_ray.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="pipeline", description=main.__doc__)
+    parser.add_argument("--config", required=True, help="pipeline YAML")
+    parser.add_argument("--force-from", metavar="STAGE", help="redo this stage and all after it")
+    args = parser.parse_args(argv)
+    try:  # everything that can be refused is refused here, before anything is submitted
+        cfg = load_config(args.config)
+        graph = stage_graph(cfg)
+        fs, run_root = pipeline_root(cfg)
+        if args.force_from:
+            find_stage(graph, args.force_from)
+        else:
+            check_committed(graph, manifests.read_all(fs, run_root))
+    except (ConfigError, ValidationError, ValueError) as err:
+        print(f"{args.config}: {err}", file=sys.stderr)
+        return 2
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS / the job's cluster, else a local one
+    try:
+        outcome = run_pipeline(cfg, args.force_from, lambda line: print(line, flush=True))
+    except (RuntimeError, TrainingFailedError) as err:
+        print(f"pipeline {cfg.name!r} failed: {err}", file=sys.stderr)
+        return 1
+    if outcome.export:
+        print(f"exported model: {lineage.uri_of(fs, outcome.export)}")
+    return 0
