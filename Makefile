@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test lint bench clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -c constraints.txt -e '.[dev]'
 	$(BIN)/python tools/warm_deepspeed.py
 	touch $(STAMP)
+
+# Corpus → block-diffusion model → served answers (tools/demo.py): local Ray, files, sqlite MLflow.
+demo: setup
+	$(BIN)/python tools/demo.py
 
 test: setup
 	$(BIN)/ruff check .
@@ -28,6 +32,9 @@ bench: setup
 	$(BIN)/python bench/attention.py
 	$(BIN)/python bench/packing.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/pipeline.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
