@@ -123,8 +123,10 @@ def main() -> None:
     }
     out = ROOT / "bench" / "results" / "train.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{'run':<14}{'kind':<16}{'steps':>6}{'tokens/s':>11}{'wall s':>8}{'ckpt s':>8}"
-          f"{'ckpt share':>12}")  # fmt: skip
+    print(
+        f"\n{'run':<14}{'kind':<16}{'steps':>6}{'tokens/s':>11}{'wall s':>8}{'ckpt s':>8}"
+        f"{'ckpt share':>12}"
+    )
     for name, r in results.items():
         print(
             f"{name:<14}{r['kind']:<16}{r['steps']:>6}{r['tokens_per_s']:>11,.0f}"

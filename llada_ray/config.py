@@ -331,6 +331,21 @@ class PipelineConfig(Strict):
             )
         return self
 
+    def anchored(self, base: Path) -> PipelineConfig:
+        """Relative local storage and sqlite paths made absolute against `base`: a job runs in
+        a temporary copy of its working directory, where relative paths would be lost."""
+        root, uri = self.storage.root, self.tracking.uri
+        if not root.startswith("s3://") and not Path(root).is_absolute():
+            root = str((base / root).resolve())
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = f"sqlite:///{(base / uri.removeprefix('sqlite:///')).resolve()}"
+        return self.model_copy(
+            update={
+                "storage": self.storage.model_copy(update={"root": root}),
+                "tracking": self.tracking.model_copy(update={"uri": uri}),
+            }
+        )
+
     @model_validator(mode="after")
     def _tokenizer_fits_model(self) -> PipelineConfig:
         if self.model.is_tiny and self.tokenizer.source == "model":

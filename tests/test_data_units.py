@@ -131,5 +131,8 @@ def test_task_family_is_deterministic_and_graded_exactly() -> None:
     perfect = tasks.score(a, [ex.answer for ex in a])
     assert perfect["accuracy"] == 1.0
     assert tasks.score(a, [ex.wrong for ex in a])["accuracy"] == 0.0
+    assert perfect["similarity"] == 1.0
+    assert 0.5 < tasks.score(a, [ex.wrong for ex in a])["similarity"] < 1.0  # near misses
+    assert tasks.score(a, [""] * len(a))["similarity"] == 0.0
     half = tasks.score(a[:2], [a[0].answer + " ", "nonsense"])
     assert half["accuracy"] == 0.5

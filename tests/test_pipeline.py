@@ -4,7 +4,6 @@ resumed to the identical model, no-op resubmission, and refusal of a changed com
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -40,9 +39,12 @@ def pipeline_config(root: str, tracking: str, **overrides: object) -> PipelineCo
         {"name": "b4", "block_size": 4, "tokens": 8_000, "lr": 1e-3},
         {"name": "b16", "block_size": 16, "tokens": 16_000, "lr": 5e-4},
     ]
-    base |= {"name": "pipe", "storage": {"root": root},
-             "tracking": {"uri": tracking, "experiment": "pipeline-test"},
-             "evaluation": {"task_examples": 8, "batch_size": 8, "max_new_tokens": 16}}  # fmt: skip
+    base |= {
+        "name": "pipe",
+        "storage": {"root": root},
+        "tracking": {"uri": tracking, "experiment": "pipeline-test"},
+        "evaluation": {"task_examples": 8, "batch_size": 8, "max_new_tokens": 16},
+    }
     return PipelineConfig.model_validate(base | overrides)
 
 
@@ -88,13 +90,17 @@ def test_every_stage_committed_with_lineage_in_mlflow(reference, mlflow_tracking
     experiment = client.get_experiment_by_name("pipeline-test").experiment_id
     runs = client.search_runs([experiment])
     parent = next(r for r in runs if r.info.run_name == "pipeline")
-    children = {r.info.run_name for r in runs
-                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}  # fmt: skip
+    children = {
+        r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     assert children == {u.name for u in units(cfg)}
     assert parent.info.status == "FINISHED"
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert plots == {"plots/loss_per_stage.png", "plots/block_size_schedule.png",
-                     "plots/task_accuracy.png"}  # fmt: skip
+    assert plots == {
+        "plots/loss_per_stage.png",
+        "plots/block_size_schedule.png",
+        "plots/task_accuracy.png",
+    }
     assert {f"task_accuracy_{s}" for s in ("merge", "sft", "cap", "dpo")} <= set(
         parent.data.metrics
     )
@@ -124,58 +130,59 @@ def test_a_changed_committed_stage_is_refused_by_name(reference, tmp_path, capsy
     assert main(["--config", str(path), "--force-from", "nope"]) == 2
 
 
-def test_force_from_redoes_that_stage_and_after(reference, mlflow_tracking):
-    lines: list[str] = []
-    outcome = run_pipeline(reference, force_from="export", say=lines.append)
-    assert outcome.ran == ["export"] and len(outcome.skipped) == len(stage_graph(reference)) - 1
-    version = MlflowClient(mlflow_tracking.uri).get_model_version_by_alias("pipe", "candidate")
-    assert int(version.version) == 2
-
-
 @contextlib.contextmanager
-def _driver(cfg_path: Path, head: stack.RayHead, log: Path) -> Iterator[subprocess.Popen]:
-    cmd = [sys.executable, str(REPO / "jobs" / "pipeline.py"), "--config", str(cfg_path)]
+def _driver(cmd: list[str], head: stack.RayHead, log: Path) -> Iterator[subprocess.Popen]:
+    """The pipeline job's driver as its own process group, connected to the test head."""
     log.parent.mkdir(parents=True)
     with stack.process_group(cmd, log, {"RAY_ADDRESS": head.address}) as proc:
         yield proc
 
 
-def test_killed_driver_resumes_to_the_same_model(reference, ray_cluster, tmp_path):
-    """SIGKILL the pipeline driver while cpt-b16 trains; resubmit: the stages before it are not
-    rerun, cpt-b16 resumes from its checkpoint, and the exported model equals the reference's."""
-    raw = reference.model_dump(mode="json")
-    raw["storage"] = {"root": str(tmp_path / "runs")}
-    raw["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "killed"}
-    cfg = PipelineConfig.model_validate(raw)
+def test_forced_stage_killed_mid_run_resumes_to_the_same_model(
+    reference, ray_cluster, mlflow_tracking, tmp_path
+):
+    """Redo cpt-b16 and all after it (--force-from) with the job's driver, SIGKILL the driver while
+    cpt-b16 trains, submit again: the stages before it are not rerun, cpt-b16 resumes from its
+    checkpoint, and the exported model is identical to the one the uninterrupted run exported."""
+    cfg = reference
+    (tmp_path / "before").mkdir()
+    before_weights = _export_weights(cfg, tmp_path / "before")
     path = tmp_path / "pipe.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     fs, run_root = pipeline_root(cfg)
+    first = manifests.read_all(fs, run_root)
     target = run_path(run_root, find_unit(cfg, "cpt-b16"))
 
-    with _driver(path, ray_cluster, tmp_path / "first" / "driver.log") as proc:
+    log = tmp_path / "first" / "driver.log"
+    with _driver([*_args(path), "--force-from", "cpt-b16"], ray_cluster, log) as proc:
         deadline = time.monotonic() + 600
-        while not any(m.get("step", 0) >= 5 and not m.get("final")
-                      for _, m in checkpoint.read_manifests(fs, target)):  # fmt: skip
-            assert proc.poll() is None, (tmp_path / "first" / "driver.log").read_text()
+        # The forced stages are forgotten first (export last), then cpt-b16 trains afresh.
+        while "export" in manifests.read_all(fs, run_root) or not any(
+            m.get("step", 0) >= 5 and not m.get("final")
+            for _, m in checkpoint.read_manifests(fs, target)
+        ):
+            assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline
             time.sleep(0.5)
         os.killpg(proc.pid, 9)
-    before = manifests.read_all(fs, run_root)
-    assert "cpt-b4" in before and "cpt-b16" not in before
+    forced = manifests.read_all(fs, run_root)
+    assert set(forced) == {"pack", "ar_pretrain", "cpt-b4"}
 
     log = tmp_path / "second" / "driver.log"
-    with _driver(path, ray_cluster, log) as proc:
+    with _driver(_args(path), ray_cluster, log) as proc:
         assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
         out = log.read_text()
     for stage in ("pack", "ar_pretrain", "cpt-b4"):
         assert f"{stage:<16} committed, skipped" in out
     after = manifests.read_all(fs, run_root)
-    assert after["cpt-b4"] == before["cpt-b4"]
+    assert after["cpt-b4"] == first["cpt-b4"]
     assert after["cpt-b16"]["summary"]["resumed_from"] >= 5
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    _assert_same_weights(
-        _export_weights(reference, tmp_path / "a"), _export_weights(cfg, tmp_path / "b")
-    )
-    lineage = json.loads(Path(after["export"]["output"], "lineage.json").read_text())
-    assert [s["stage"] for s in lineage["stages"]][-1] == "dpo"
+    (tmp_path / "after").mkdir()
+    _assert_same_weights(before_weights, _export_weights(cfg, tmp_path / "after"))
+    client = MlflowClient(mlflow_tracking.uri)
+    version = client.get_model_version_by_alias("pipe", "candidate")
+    assert int(version.version) == 2 and version.source == f"s3://{after['export']['output']}"
+
+
+def _args(path: Path) -> list[str]:
+    return [sys.executable, str(REPO / "jobs" / "pipeline.py"), "--config", str(path)]

@@ -37,17 +37,10 @@ BIN = Path(sys.executable).parent
 
 def local_config(path: Path) -> Path:
     """The config with relative local paths made absolute: the job runs in a copy of the repo."""
-    raw = yaml.safe_load(path.read_text())
-    storage = raw.setdefault("storage", {})
-    if not str(storage.get("root", "runs")).startswith("s3://"):
-        storage["root"] = str((REPO / storage.get("root", "runs")).resolve())
-    tracking = raw.setdefault("tracking", {})
-    uri = tracking.get("uri", "sqlite:///mlflow.db")
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        tracking["uri"] = f"sqlite:///{(REPO / uri.removeprefix('sqlite:///')).resolve()}"
+    cfg = load_config(path).anchored(REPO)  # a bad config stops here, before anything starts
     out = REPO / "runs" / f"demo-{path.stem}.yaml"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return out
 
 
@@ -69,7 +62,7 @@ def main() -> int:
     args = parser.parse_args()
     started = time.monotonic()
     config = local_config(Path(args.config))
-    cfg = load_config(config)  # a bad config stops here, before anything starts
+    cfg = load_config(config)
     os.environ.update(stack.RAY_ENV)
 
     print(f"== llada-ray demo: pipeline {cfg.name!r} ({config})", flush=True)

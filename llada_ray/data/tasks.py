@@ -7,6 +7,7 @@ function of (seed, i), so any worker can generate any slice of the data set.
 
 from __future__ import annotations
 
+import difflib
 import random
 import string
 from collections.abc import Callable, Iterable
@@ -105,11 +106,16 @@ def preference(ex: Example) -> dict:
 
 
 def score(items: Iterable[Example], answers: Iterable[str]) -> dict[str, float]:
-    """Exact-match accuracy (after trimming whitespace), overall and per task."""
+    """Exact-match accuracy (after trimming whitespace), overall and per task, and `similarity`:
+    the mean character-level match ratio (difflib) with the answer, a graded signal for models
+    too small or too early to be exactly right."""
     hits: dict[str, list[bool]] = {}
+    ratios: list[float] = []
     for ex, given in zip(items, answers, strict=True):
         hits.setdefault(ex.task, []).append(given.strip() == ex.answer)
+        ratios.append(difflib.SequenceMatcher(None, given.strip(), ex.answer).ratio())
     total = [h for task in hits.values() for h in task]
     out = {"accuracy": sum(total) / max(len(total), 1)}
     out |= {f"accuracy/{task}": sum(h) / len(h) for task, h in sorted(hits.items())}
+    out["similarity"] = sum(ratios) / max(len(ratios), 1)
     return out

@@ -158,8 +158,10 @@ def evaluate(cfg: PipelineConfig, models: dict[str, str]) -> dict[str, dict]:
             for g in decoder.generate(prompts[i : i + ev.batch_size], sampling):
                 answers.append(tok.decode(g.tokens, skip_special_tokens=True))
                 tokens, forwards = tokens + len(g.tokens), forwards + g.forwards
+        scores = tasks.score(examples, answers)
         out[stage] = {
-            "accuracy": tasks.score(examples, answers)["accuracy"],
+            "accuracy": scores["accuracy"],
+            "similarity": scores["similarity"],
             "tokens_per_forward": tokens / max(forwards, 1),
         }
     return out
@@ -230,9 +232,22 @@ def plots(
     if accuracy:
         fig, ax = plt.subplots(figsize=(5, 3))
         stages = list(accuracy)
-        ax.bar(stages, [accuracy[s]["accuracy"] for s in stages])
+        at = range(len(stages))
+        ax.bar(
+            [x - 0.2 for x in at],
+            [accuracy[s]["accuracy"] for s in stages],
+            0.4,
+            label="exact match",
+        )
+        ax.bar(
+            [x + 0.2 for x in at],
+            [accuracy[s]["similarity"] for s in stages],
+            0.4,
+            label="answer similarity",
+        )
+        ax.set_xticks(list(at), stages)
         ax.set_ylim(0, 1)
-        ax.set_ylabel("exact-match accuracy")
+        ax.legend(fontsize=7)
         ax.set_title("verifiable task after each post-training stage")
         made.append(_save(fig, directory / "task_accuracy.png"))
     return made
