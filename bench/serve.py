@@ -94,15 +94,18 @@ def load(url: str, prompts: list[str], clients: int, seconds: float) -> dict:
         t.join()
     window = [r for r in records if r["end"] <= stop_at and r["ok"]]
     latencies = sorted(r["latency"] for r in window)
+    # Over the span the finished requests cover: requests cut off by the window's end would
+    # otherwise count in the time but not in the tokens.
+    span = max((r["end"] for r in window), default=stop_at) - start
     return {
         "clients": clients,
         "requests": len(window),
         "errors": sum(not r["ok"] for r in records),
-        "tokens_per_s": sum(r["tokens"] for r in window) / seconds,
-        "p50_latency_s": statistics.median(latencies) if latencies else None,
+        "tokens_per_s": sum(r["tokens"] for r in window) / span,
+        "p50_latency_s": statistics.median(latencies) if latencies else float("nan"),
         "p99_latency_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
         if latencies
-        else None,
+        else float("nan"),
     }
 
 

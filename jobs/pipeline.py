@@ -5,7 +5,10 @@ config for a committed stage is refused unless --force-from names it (or a stage
 
     python jobs/pipeline.py --config configs/tiny.yaml
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
-        python jobs/pipeline.py --config configs/tiny.yaml
+        python jobs/pipeline.py --config configs/qwen3-0.6b.yaml
+
+Under `ray job submit` the job runs in a temporary copy of the working directory: give it s3://
+storage and an MLflow server (or absolute paths on a one-machine cluster, as `make demo` does).
 """
 
 import sys

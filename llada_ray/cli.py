@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -83,8 +84,14 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         raw = read_yaml(args.config) if args.config else {}
         if "applications" in raw:  # a Serve config file: our settings are the app's args
-            raw = raw["applications"][0].get("args", {})
-        overrides = {"model": args.model, "host": args.host, "port": args.port}
+            http = raw.get("http_options", {})
+            app = raw["applications"][0]
+            raw = {k: v for k, v in http.items() if k in ("host", "port")}
+            raw |= {"route_prefix": app.get("route_prefix", "/"), **app.get("args", {})}
+        model = args.model  # replicas run elsewhere: a local path must not depend on our cwd
+        if not model.startswith("s3://"):
+            model = str(Path(model).expanduser().resolve())
+        overrides = {"model": model, "host": args.host, "port": args.port}
         cfg = ServeConfig.model_validate(raw | {k: v for k, v in overrides.items() if v})
     except (ConfigError, ValidationError) as err:
         print(f"invalid serve config {args.config or ''}:\n{err}", file=sys.stderr)
@@ -95,13 +102,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     from llada_ray.serve.app import build
 
-    if args.address and os.environ.get(cfg.api_key_env):
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address and os.environ.get(cfg.api_key_env):
         print(
             f"note: replicas read {cfg.api_key_env} on the cluster's nodes, not from this "
             "shell; set it there (e.g. a KubeRay secret)",
             file=sys.stderr,
         )
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
@@ -112,7 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"serving {cfg.model_name!r} ({cfg.model}) at {url}; Ctrl-C stops", flush=True)
         stopped.wait()
     finally:
-        if args.address:  # someone else's cluster: take our app away, leave the rest
+        if address:  # someone else's cluster: take our app away, leave the rest
             serve.delete(args.name)
         ray.shutdown()  # a cluster started here stops with its Serve apps
     return 0

@@ -164,3 +164,16 @@ def test_stop_check_and_context_limit(dlm, tiny_tokenizer):
         decoder.generate([[5] * (limit - 4)], Sampling(max_new_tokens=8))
     with pytest.raises(ValueError, match="empty"):
         ARDecoder(dlm, eos).generate([[]], Sampling())
+
+
+def test_eos_inside_the_prompt_does_not_end_the_answer(dlm, tiny_tokenizer):
+    """Chat templates end turns with the EOS token (Qwen3: <|im_end|>): an EOS in the prompt's
+    tail, inside the first decoded block, must neither stop the request nor leak masks."""
+    eos = tiny_tokenizer.eos_token_id
+    prompts = [[*p[:5], eos, 7] for p in _prompts()]  # tail of 7 tokens < B, EOS inside it
+    sampling = Sampling(threshold=0.5, max_new_tokens=12)
+    cached = BlockDecoder(dlm, eos, B).generate(prompts, sampling)
+    plain = BlockDecoder(dlm, eos, B, use_cache=False).generate(prompts, sampling)
+    assert [g.tokens for g in cached] == [g.tokens for g in plain]
+    for g in cached:
+        assert dlm.mask_token_id not in g.tokens and g.tokens

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -94,8 +95,7 @@ def main() -> int:
         accuracy = committed["export"]["summary"].get("task_accuracy", {})
 
         port = stack.free_port()
-        serve_log = Path(run_root) / "demo-serve" / "serve.log"
-        serve_log.parent.mkdir(parents=True, exist_ok=True)
+        serve_log = Path(tempfile.mkdtemp(prefix="llada-demo-serve-")) / "serve.log"
         cmd = [
             str(BIN / "llada-ray"),
             "serve",

@@ -40,12 +40,16 @@ class BlockDecoder(Decoder):
         """The last block is decoded whole, so the end rounds up to a block boundary."""
         return -(-(prompt_length + max_new_tokens) // self.block_size) * self.block_size
 
-    def _needed(self, blocks: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    def _needed(
+        self, blocks: torch.Tensor, given: torch.Tensor, wanted: torch.Tensor
+    ) -> torch.Tensor:
         """Positions whose token can still reach the output: before the request's token budget
-        runs out and up to its first EOS. Accepted tokens are final, so a block whose needed
-        positions are all decided gives the same output as one decoded to the end."""
+        runs out and up to its first generated EOS (the prompt's tail, `given` positions, may
+        hold EOS too: chat templates end turns with it). Accepted tokens are final, so a block
+        whose needed positions are all decided gives the output of one decoded to the end."""
         position = torch.arange(blocks.shape[1], device=blocks.device)
-        eos_at = torch.where(blocks == self.eos, position, blocks.shape[1]).min(-1).values
+        generated_eos = (blocks == self.eos) & (position >= given[:, None])
+        eos_at = torch.where(generated_eos, position, blocks.shape[1]).min(-1).values
         return position < torch.minimum(wanted, eos_at + 1)[:, None]
 
     @torch.no_grad()
@@ -74,12 +78,13 @@ class BlockDecoder(Decoder):
         while alive:
             index = block_start[:, None] + torch.arange(B, device=device)
             thresholds = torch.tensor([samplings[r].threshold for r in alive], device=device)
-            tail = torch.tensor([len(prompts[r]) for r in alive], device=device) - block_start
-            wanted = tail.clamp(min=0) + torch.tensor(
+            given = torch.tensor([len(prompts[r]) for r in alive], device=device) - block_start
+            given = given.clamp(min=0)
+            wanted = given + torch.tensor(
                 [samplings[r].max_new_tokens - len(out[r].tokens) for r in alive], device=device
             )
             while (masked := blocks == self.mask).any():
-                running = (masked & self._needed(blocks, wanted)).any(-1)
+                running = (masked & self._needed(blocks, given, wanted)).any(-1)
                 if not running.any():
                     break
                 active = running.tolist()

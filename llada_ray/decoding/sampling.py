@@ -18,13 +18,22 @@ class Sampling:
     top_k: int | None = None
     top_p: float | None = None
 
+    def __post_init__(self) -> None:
+        # A bad setting would loop forever (min_accept 0) or divide by zero: refuse it here.
+        if not (0 < self.threshold <= 1 and self.min_accept >= 1 and self.max_new_tokens >= 1):
+            raise ValueError(f"bad sampling settings: {self}")
+        if self.temperature < 0 or (self.top_p is not None and not 0 < self.top_p <= 1):
+            raise ValueError(f"bad sampling settings: {self}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"bad sampling settings: {self}")
+
 
 @dataclass
 class Generation:
     """One request's output, growing while it decodes."""
 
     tokens: list[int] = field(default_factory=list)
-    forwards: int = 0  # model calls that produced this request's tokens (incl. cache writes)
+    forwards: int = 0  # model calls this request took part in (cache writes ride along)
     finish_reason: str | None = None  # "stop" (EOS or a stop condition) or "length" when done
     seconds: float = 0.0  # wall time from the batch's start until this request finished
 

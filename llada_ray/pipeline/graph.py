@@ -3,7 +3,7 @@
 pack → [ar_pretrain] → cpt-<phase>… → merge → sft → cap → dpo → export. Every stage starts from
 the one before it, so a stage's hash chains its own settings with its predecessor's hash: a change
 anywhere upstream changes every hash after it, and a committed stage whose hash no longer matches
-was built from something else. Pure Python: `llada-ray status` plans without torch or Ray.
+was built from something else. Pure Python (no torch, no Ray).
 """
 
 from __future__ import annotations

@@ -38,6 +38,10 @@ def uri_of(fs: pafs.FileSystem, path: str) -> str:
     return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
 
 
+def _uri(fs: pafs.FileSystem, path: str | None) -> str | None:
+    return None if path is None else uri_of(fs, path)
+
+
 def export(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, model: str) -> str:
     """Copy the model's files to the export directory, lineage last (it marks it complete)."""
     dest = export_path(run_root)
@@ -60,7 +64,7 @@ def export(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, model: str) 
             {
                 "stage": s.name,
                 "config_hash": s.config_hash,
-                "output": committed.get(s.name, {}).get("output"),
+                "output": _uri(fs, committed.get(s.name, {}).get("output")),
             }
             for s in stage_graph(cfg)
             if s.kind != "export"
@@ -116,7 +120,7 @@ def register(
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    tags = {f"upstream.{stage}": str(m.get("output")) for stage, m in committed.items()}
+    tags = {f"upstream.{stage}": str(_uri(fs, m.get("output"))) for stage, m in committed.items()}
     tags |= {"config_hash": stage_graph(cfg)[-1].config_hash, "pipeline": cfg.name}
     version = client.create_model_version(name, uri_of(fs, export_dir), run_id=run_id, tags=tags)
     client.set_registered_model_alias(name, cfg.tracking.model_alias, version.version)
@@ -126,6 +130,8 @@ def register(
 def evaluate(cfg: PipelineConfig, models: dict[str, str]) -> dict[str, dict]:
     """Exact-match accuracy and TPF on held-out task examples, per post-training stage's model,
     decoded as served (chat prompt, block decoder with cache)."""
+    import torch
+
     from llada_ray.data import tasks
     from llada_ray.decoding import BlockDecoder, Sampling
     from llada_ray.model import DiffusionLM, load_model
@@ -144,7 +150,11 @@ def evaluate(cfg: PipelineConfig, models: dict[str, str]) -> dict[str, dict]:
             hf, tok = load_model(fetched.local)
         finally:
             fetched.cleanup()
-        decoder = BlockDecoder(DiffusionLM(hf), tok.eos_token_id, block)
+        if cfg.scaling.use_gpu and torch.cuda.is_available():
+            hf = hf.to("cuda", getattr(torch, cfg.model.dtype))
+        decoder = BlockDecoder(
+            DiffusionLM(hf, attention=cfg.model.attention), tok.eos_token_id, block
+        )
         prompts = [
             tok.apply_chat_template(
                 [{"role": "user", "content": ex.prompt}], add_generation_prompt=True, tokenize=True

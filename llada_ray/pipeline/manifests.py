@@ -53,7 +53,7 @@ def delete(fs: pafs.FileSystem, run_root: str, stage: str) -> None:
 
 
 def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 @cache

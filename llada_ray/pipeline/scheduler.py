@@ -47,6 +47,13 @@ def check_committed(graph: list[Stage], committed: dict[str, dict]) -> None:
             )
 
 
+def _kept(graph: list[Stage], force_from: str | None) -> list[Stage]:
+    """The stages a run keeps: all, or those before the one it is forced from."""
+    if force_from is None:
+        return graph
+    return graph[: graph.index(find_stage(graph, force_from))]
+
+
 def forget_from(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, name: str) -> None:
     """Delete the manifests and outputs of stage `name` and of every stage after it."""
     graph = stage_graph(cfg)
@@ -74,12 +81,12 @@ def run_pipeline(
 ) -> PipelineOutcome:
     fs, run_root = pipeline_root(cfg)
     graph = stage_graph(cfg)
-    if force_from is not None:
-        find_stage(graph, force_from)  # an unknown name fails before anything is deleted
-        forget_from(cfg, fs, run_root, force_from)
     overhead = time.perf_counter()
     committed = manifests.read_all(fs, run_root)
-    check_committed(graph, committed)
+    check_committed(_kept(graph, force_from), committed)  # before anything is deleted
+    if force_from is not None:
+        forget_from(cfg, fs, run_root, force_from)
+        committed = manifests.read_all(fs, run_root)
     todo = [s for s in graph if s.name not in committed]
     overhead = time.perf_counter() - overhead
     if not todo:
@@ -188,12 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:  # everything that can be refused is refused here, before anything is submitted
         cfg = load_config(args.config)
-        graph = stage_graph(cfg)
         fs, run_root = pipeline_root(cfg)
-        if args.force_from:
-            find_stage(graph, args.force_from)
-        else:
-            check_committed(graph, manifests.read_all(fs, run_root))
+        kept = _kept(stage_graph(cfg), args.force_from)
+        check_committed(kept, manifests.read_all(fs, run_root))
     except (ConfigError, ValidationError, ValueError) as err:
         print(f"{args.config}: {err}", file=sys.stderr)
         return 2

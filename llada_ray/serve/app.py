@@ -3,7 +3,8 @@
 `build(args)` is the app builder for `serve run` / `serve deploy` (serve/config.yaml) and for
 `llada-ray serve`. Requests are validated before they join a batch, so a bad request is answered
 with a 4xx at once and never touches the others; requests that pass decode together, each
-leaving the batch when it finishes.
+leaving the batch when it finishes. A batch runs to its end before the next one starts (not
+continuous batching): a request that arrives mid-batch waits for it.
 """
 
 import asyncio
@@ -90,7 +91,8 @@ class LLaDAServer:
         self.engine = TextEngine.load(cfg)
         self.decode.set_max_batch_size(cfg.max_batch_size)
         self.decode.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        self.api_key = os.environ.get(cfg.api_key_env) or None
+        key = os.environ.get(cfg.api_key_env)
+        self.api_key = key.encode() if key else None
         self.created = int(time.time())
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
@@ -105,7 +107,9 @@ class LLaDAServer:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token, self.api_key):
+        # Bytes: compare_digest refuses non-ASCII str, and headers arrive latin-1 decoded.
+        token_bytes = token.encode("latin-1", errors="replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token_bytes, self.api_key):
             raise RequestError(
                 "missing or wrong API key (Authorization: Bearer …)",
                 status=401,
@@ -181,7 +185,9 @@ class LLaDAServer:
         chat = kind == "chat.completion"
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            events = self._stream(jobs, head | {"object": f"{kind}.chunk"}, chat, usage)
+            # OpenAI names chat chunks "chat.completion.chunk"; completion chunks keep their name.
+            chunk = f"{kind}.chunk" if chat else kind
+            events = self._stream(jobs, head | {"object": chunk}, chat, usage)
             return StreamingResponse(events, media_type="text/event-stream")
         finals = await asyncio.gather(*(self._collect(job) for job in jobs))
         choices = []
@@ -214,9 +220,13 @@ class LLaDAServer:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, job: Job) -> None:
-            async for update in self.decode(job):
-                await queue.put((i, update))
-            await queue.put((i, None))
+            try:
+                async for update in self.decode(job):
+                    await queue.put((i, update))
+            except Exception as err:  # the stream ends with an error event, never hangs
+                await queue.put((i, err))
+            finally:
+                await queue.put((i, None))
 
         tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
         finals: list[Update] = []
@@ -236,6 +246,18 @@ class LLaDAServer:
                 i, update = await queue.get()
                 if update is None:
                     running -= 1
+                    continue
+                if isinstance(update, Exception):
+                    yield _sse(
+                        {
+                            "error": {
+                                "message": f"decoding failed: {update}",
+                                "type": "server_error",
+                                "param": None,
+                                "code": None,
+                            }
+                        }
+                    )
                     continue
                 piece = (
                     {"delta": {"content": update.text}}

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
 import pyarrow.fs as pafs
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -19,6 +20,8 @@ from llada_ray.decoding import ARDecoder, BlockDecoder, Decoder, Generation, Sam
 from llada_ray.model import DiffusionLM, load_model
 from llada_ray.model.io import MODEL_FILES
 from llada_ray.storage import filesystem_for
+
+GREEDY_BELOW = 1e-4  # temperatures under this decode greedily
 
 
 class RequestError(ValueError):
@@ -110,9 +113,14 @@ class TextEngine:
     def encode_chat(self, messages: list[dict]) -> list[int]:
         if self.tokenizer.chat_template is None:
             raise RequestError("this model has no chat template: use /v1/completions", "messages")
-        encoded = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True
-        )
+        try:
+            encoded = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True
+            )
+        except (jinja2.TemplateError, ValueError) as err:  # templates may refuse an order
+            raise RequestError(
+                f"the chat template refused these messages: {err}", "messages"
+            ) from err
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
     def job(
@@ -144,11 +152,13 @@ class TextEngine:
             raise RequestError(str(err), "max_tokens", code="context_length_exceeded") from err
         if top_k is not None and top_k > len(self.tokenizer):
             raise RequestError(f"top_k {top_k} exceeds the vocabulary", "top_k")
+        temperature = cfg.temperature if temperature is None else temperature
         sampling = Sampling(
             threshold=cfg.threshold if threshold is None else threshold,
             min_accept=cfg.min_accept if min_accept is None else min_accept,
             max_new_tokens=max_tokens,
-            temperature=cfg.temperature if temperature is None else temperature,
+            # Below this, logits / T overflows to inf: such a request means greedy.
+            temperature=0.0 if temperature < GREEDY_BELOW else temperature,
             top_k=top_k,
             top_p=top_p,
         )

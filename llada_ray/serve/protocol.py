@@ -31,7 +31,7 @@ class _Generate(_Strict):
     threshold: Annotated[float, Field(gt=0, le=1)] | None = None
     min_accept: Annotated[int, Field(ge=1)] | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**62)] | None = None  # + choice index: fits int64
     stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
