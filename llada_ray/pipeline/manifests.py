@@ -28,8 +28,11 @@ def read_all(fs: pafs.FileSystem, run_root: str) -> dict[str, dict]:
     out = {}
     for info in fs.get_file_info(selector):
         if info.is_file and info.base_name.endswith(".json"):
-            with fs.open_input_stream(info.path) as f:
-                manifest = json.loads(f.read())
+            try:
+                with fs.open_input_stream(info.path) as f:
+                    manifest = json.loads(f.read())
+            except FileNotFoundError:  # deleted since listed (a --force-from run is forgetting)
+                continue
             out[manifest["stage"]] = manifest
     return out
 
