@@ -8,7 +8,8 @@ Decoders, all over the same batch machinery and forward path, on held-out task e
 in batches: AR with a KV cache on the pre-conversion model (prompted with the raw task text it was
 trained on), HF `generate()` on the same model (a second reference), block diffusion after SFT
 without cache (τ 0.95), with cache at τ 0.95 / 0.9 / 0.8, and after CAP with cache at the same τ
-(chat prompts). tokens/s = generated tokens / wall time; TPF = generated tokens / forwards.
+(chat prompts). tokens/s = generated tokens / wall time; TPF = generated tokens / forwards;
+seconds per forward ≈ the cost of one batched model call (wall time × batch / forwards).
 
     python bench/decode.py [--quick]   → bench/results/decode.json, decode.png and a table
 """
@@ -81,6 +82,9 @@ def evaluate(
         "tokens_per_forward": tokens / max(forwards, 1),
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
+        # What a forward costs: on CPU a block of B tokens costs far more than one token, on a
+        # GPU (memory-bound decoding) about the same. tokens/s = TPF / seconds_per_forward.
+        "seconds_per_forward": seconds / max(forwards, 1) * batch,
     }
 
 
@@ -219,11 +223,16 @@ def main() -> None:
     out = ROOT / "bench" / "results" / "decode.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     plot(results, out.with_suffix(".png"))
-    print(f"\n{'decoder':<24}{'accuracy':>9}{'similar':>9}{'TPF':>7}{'tokens/s':>10}{'× AR':>7}")
+    print(
+        f"\n{'decoder':<24}{'accuracy':>9}{'similar':>9}{'TPF':>7}{'ms/fwd':>8}"
+        f"{'tokens/s':>10}{'× AR':>7}"
+    )
     for name, r in results.items():
         tpf = f"{r['tokens_per_forward']:.2f}" if "tokens_per_forward" in r else "-"
+        ms = f"{1000 * r['seconds_per_forward']:.1f}" if "seconds_per_forward" in r else "-"
         print(
-            f"{name:<24}{r['accuracy']:>9.3f}{r['similarity']:>9.3f}{tpf:>7}{r['tokens_per_s']:>10.1f}"
+            f"{name:<24}{r['accuracy']:>9.3f}{r['similarity']:>9.3f}{tpf:>7}{ms:>8}"
+            f"{r['tokens_per_s']:>10.1f}"
             f"{r['tokens_per_s'] / ar_rate:>7.2f}"
         )
     for name, t in targets.items():

@@ -107,7 +107,7 @@ def test_every_stage_committed_with_lineage_in_mlflow(reference, mlflow_tracking
     version = client.get_model_version_by_alias("pipe", "candidate")
     assert version.source == f"s3://{export}"
     assert version.run_id == parent.info.run_id
-    assert version.tags["upstream.sft"] == committed["sft"]["output"]
+    assert version.tags["upstream.sft"] == f"s3://{committed['sft']['output']}"
     assert version.tags["config_hash"] == committed["export"]["config_hash"]
 
 
