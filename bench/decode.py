@@ -27,6 +27,7 @@ import torch
 
 from llada_ray.config import PipelineConfig, load_config
 from llada_ray.data import tasks
+from llada_ray.data.chat import prompt_ids
 from llada_ray.decoding import ARDecoder, BlockDecoder, Decoder, Sampling
 from llada_ray.model import DiffusionLM, load_model
 from llada_ray.pipeline.scheduler import run_pipeline
@@ -143,13 +144,7 @@ def main() -> None:
     for stage in ("sft", "cap"):
         hf, tok = load_model(models[stage])
         dlm = DiffusionLM(hf)
-        chats = [
-            tok.apply_chat_template(
-                [{"role": "user", "content": ex.prompt}], add_generation_prompt=True, tokenize=True
-            )
-            for ex in examples
-        ]
-        chats = [list(c["input_ids"] if hasattr(c, "keys") else c) for c in chats]
+        chats = [prompt_ids(tok, [{"role": "user", "content": ex.prompt}]) for ex in examples]
         if stage == "sft":
             plain = BlockDecoder(dlm, eos, block, use_cache=False)
             results["bd_sft_nocache_t0.95"] = evaluate(

@@ -57,12 +57,18 @@ def _encode_turn(
     tokenizer: PreTrainedTokenizerBase, prompt: list[dict], response: list[dict]
 ) -> tuple[list[int], list[int]]:
     """Token ids of the prompt (with generation header) and of the response after it."""
-    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-    full_ids = tokenizer.apply_chat_template(prompt + response, tokenize=True)
-    prompt_ids, full_ids = _ids(prompt_ids), _ids(full_ids)
+    prompt_ids = _ids(
+        tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+    )
+    full_ids = _ids(tokenizer.apply_chat_template(prompt + response, tokenize=True))
     if full_ids[: len(prompt_ids)] != prompt_ids:
         raise ChatError("template", "the chat template does not render the prompt as a prefix")
     return prompt_ids, full_ids[len(prompt_ids) :]
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    """The chat rendered by the tokenizer's template, ending with the assistant's header."""
+    return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 
 
 def _ids(encoded: object) -> list[int]:

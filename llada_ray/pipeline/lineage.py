@@ -133,6 +133,7 @@ def evaluate(cfg: PipelineConfig, models: dict[str, str]) -> dict[str, dict]:
     import torch
 
     from llada_ray.data import tasks
+    from llada_ray.data.chat import prompt_ids
     from llada_ray.decoding import BlockDecoder, Sampling
     from llada_ray.model import DiffusionLM, load_model
     from llada_ray.storage import storage_root
@@ -155,13 +156,7 @@ def evaluate(cfg: PipelineConfig, models: dict[str, str]) -> dict[str, dict]:
         decoder = BlockDecoder(
             DiffusionLM(hf, attention=cfg.model.attention), tok.eos_token_id, block
         )
-        prompts = [
-            tok.apply_chat_template(
-                [{"role": "user", "content": ex.prompt}], add_generation_prompt=True, tokenize=True
-            )
-            for ex in examples
-        ]
-        prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
+        prompts = [prompt_ids(tok, [{"role": "user", "content": ex.prompt}]) for ex in examples]
         sampling = Sampling(ev.threshold, max_new_tokens=ev.max_new_tokens)
         answers, tokens, forwards = [], 0, 0
         for i in range(0, len(prompts), ev.batch_size):

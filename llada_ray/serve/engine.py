@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from llada_ray.config import ServeConfig
+from llada_ray.data.chat import prompt_ids
 from llada_ray.decoding import ARDecoder, BlockDecoder, Decoder, Generation, Sampling
 from llada_ray.model import DiffusionLM, load_model
 from llada_ray.model.io import MODEL_FILES
@@ -114,14 +115,10 @@ class TextEngine:
         if self.tokenizer.chat_template is None:
             raise RequestError("this model has no chat template: use /v1/completions", "messages")
         try:
-            encoded = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True
-            )
+            return prompt_ids(self.tokenizer, messages)
         except (jinja2.TemplateError, ValueError) as err:  # templates may refuse an order
-            raise RequestError(
-                f"the chat template refused these messages: {err}", "messages"
-            ) from err
-        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+            message = f"the chat template refused these messages: {err}"
+            raise RequestError(message, "messages") from err
 
     def job(
         self,
