@@ -80,7 +80,7 @@ def main() -> int:
             "--runtime-env",
             str(REPO / "cluster/runtime_env.yaml"),
             "--",
-            "python",
+            sys.executable,  # the head is this machine: the job runs in this environment
             "jobs/pipeline.py",
             "--config",
             str(config),
