@@ -32,7 +32,6 @@ class PipelineOutcome:
     ran: list[str]
     skipped: list[str]
     export: str | None
-    overhead_seconds: float  # the scheduler's own work: manifests, tracking, export bookkeeping
 
 
 def check_committed(graph: list[Stage], committed: dict[str, dict]) -> None:
@@ -81,21 +80,16 @@ def run_pipeline(
 ) -> PipelineOutcome:
     fs, run_root = pipeline_root(cfg)
     graph = stage_graph(cfg)
-    overhead = time.perf_counter()
     committed = manifests.read_all(fs, run_root)
     check_committed(_kept(graph, force_from), committed)  # before anything is deleted
     if force_from is not None:
         forget_from(cfg, fs, run_root, force_from)
         committed = manifests.read_all(fs, run_root)
-    todo = [s for s in graph if s.name not in committed]
-    overhead = time.perf_counter() - overhead
-    if not todo:
+    if all(s.name in committed for s in graph):
         say(f"pipeline {cfg.name!r}: all {len(graph)} stages are committed; nothing to train")
-        return PipelineOutcome([], [s.name for s in graph], _export_of(committed), overhead)
+        return PipelineOutcome([], [s.name for s in graph], committed["export"]["output"])
 
-    started = time.perf_counter()
     parent = tracking.start_run(cfg, "pipeline", {"pipeline": cfg.model_dump(mode="json")})
-    overhead += time.perf_counter() - started
     outputs = {name: m.get("output") for name, m in committed.items()}
     ran, skipped = [], []
     previous: str | None = None  # the output the next stage starts from
@@ -110,9 +104,8 @@ def run_pipeline(
                 continue
             say(f"{stage.name:<16} running")
             t0, began = time.perf_counter(), manifests.now()
-            output, summary, stage_overhead = _run_stage(cfg, stage, parent, model, say)
+            output, summary = _run_stage(cfg, stage, parent, model, say)
             seconds = time.perf_counter() - t0
-            t1 = time.perf_counter()
             manifests.write(
                 fs,
                 run_root,
@@ -130,7 +123,6 @@ def run_pipeline(
                     "mlflow_parent_run_id": parent,
                 },
             )
-            overhead += time.perf_counter() - t1 + stage_overhead
             say(f"{stage.name:<16} committed in {seconds:.1f} s → {output}")
             outputs[stage.name] = output
             previous = output or previous
@@ -140,11 +132,7 @@ def run_pipeline(
         tracking.finish_run(cfg, parent, None, failed=True)
         raise
     tracking.finish_run(cfg, parent, None)
-    return PipelineOutcome(ran, skipped, outputs.get("export"), overhead)
-
-
-def _export_of(committed: dict[str, dict]) -> str | None:
-    return committed.get("export", {}).get("output")
+    return PipelineOutcome(ran, skipped, outputs.get("export"))
 
 
 def _run_stage(
@@ -153,8 +141,8 @@ def _run_stage(
     parent: str,
     model: str | None,
     say: Callable[[str], None],
-) -> tuple[str | None, dict, float]:
-    """(output path, metrics summary, seconds of bookkeeping) of one stage."""
+) -> tuple[str | None, dict]:
+    """(output path, metrics summary) of one stage."""
     fs, run_root = pipeline_root(cfg)
     if stage.kind == "pack":
         packed = pack_all(cfg, fs, run_root)
@@ -162,20 +150,17 @@ def _run_stage(
             name: {k: p.manifest.get(k) for k in ("rows", "tokens", "documents")}
             for name, p in packed.items()
         }
-        return f"{run_root}/data", summary, 0.0
+        return f"{run_root}/data", summary
     if stage.kind == "export":
         if model is None:
             raise ValueError("export: the pipeline trained no model")
-        t0 = time.perf_counter()
         export = lineage.export(cfg, fs, run_root, model)
-        bookkeeping = time.perf_counter() - t0
-        summary = lineage.finish(cfg, fs, run_root, export, parent, say)
-        return export, summary, bookkeeping
+        return export, lineage.finish(cfg, fs, run_root, export, parent, say)
     assert stage.unit is not None
     outcome = run_unit(cfg, stage.unit, parent)
     m = outcome.manifest
     summary = {k: m.get(k) for k in ("step", "samples", "tokens", "val_loss", "resumed_from")}
-    return outcome.output, summary, 0.0
+    return outcome.output, summary
 
 
 def main(argv: list[str] | None = None) -> int:
