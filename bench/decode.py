@@ -39,7 +39,7 @@ EVAL_SEED = 99  # task examples no stage trained on
 
 
 def trained(cfg: PipelineConfig) -> dict[str, Path]:
-    """Run (or reuse) the pipeline; the model directories of AR, SFT and CAP."""
+    """Run (or reuse) the pipeline; the model directories of AR, merge (before SFT), SFT, CAP."""
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         run_pipeline(cfg, say=lambda line: print(line, flush=True))
@@ -47,7 +47,7 @@ def trained(cfg: PipelineConfig) -> dict[str, Path]:
         ray.shutdown()
     fs, root = pipeline_root(cfg)
     out = {}
-    for name in ("ar_pretrain", "sft", "cap"):
+    for name in ("ar_pretrain", "merge", "sft", "cap"):
         fetched = output_of(fs, root, find_unit(cfg, name))
         out[name] = Path(fetched.local)
     return out
@@ -141,7 +141,7 @@ def main() -> None:
     ar = ARDecoder(DiffusionLM(hf), eos)
     results["ar_cached"] = evaluate(ar, raw_prompts, examples, text, greedy, args.batch)
 
-    for stage in ("sft", "cap"):
+    for stage in ("merge", "sft", "cap"):
         hf, tok = load_model(models[stage])
         dlm = DiffusionLM(hf)
         chats = [prompt_ids(tok, [{"role": "user", "content": ex.prompt}]) for ex in examples]
@@ -151,7 +151,7 @@ def main() -> None:
                 plain, chats, examples, text, Sampling(0.95, max_new_tokens=max_new), args.batch
             )
         cached = BlockDecoder(dlm, eos, block)
-        for tau in (0.95, 0.9, 0.8):
+        for tau in (0.95, 0.9, 0.8) if stage != "merge" else (0.9,):  # merge: before SFT
             results[f"bd_{stage}_cached_t{tau}"] = evaluate(
                 cached, chats, examples, text, Sampling(tau, max_new_tokens=max_new), args.batch
             )

@@ -125,15 +125,19 @@ def main() -> int:
                 f"{'✓' if r['answer'] == ex.answer else '✗'}"
             )
         hits = sum(r["answer"] == ex.answer for ex, r in zip(examples, replies, strict=True))
+        similar = tasks.score(examples, [r["answer"] for r in replies])["similarity"]
         tpf = sum(r["tpf"] for r in replies) / len(replies)
         print(
-            f"\naccuracy {hits}/{len(examples)} = {hits / len(examples):.0%}, "
-            f"mean tokens per forward {tpf:.2f}"
+            f"\naccuracy {hits}/{len(examples)} = {hits / len(examples):.0%}, answer similarity "
+            f"{similar:.0%}, mean tokens per forward {tpf:.2f}"
         )
         if accuracy:
             print(
-                "task accuracy by stage (pipeline evaluation): "
-                + ", ".join(f"{s} {a['accuracy']:.0%}" for s, a in accuracy.items())
+                "pipeline evaluation, exact match / answer similarity by stage: "
+                + ", ".join(
+                    f"{s} {a['accuracy']:.0%} / {a.get('similarity', 0):.0%}"
+                    for s, a in accuracy.items()
+                )
             )
     print(f"\n== done in {(time.monotonic() - started) / 60:.1f} min. Where to look:")
     print(f"  stages:  .venv/bin/llada-ray status {config}")

@@ -94,10 +94,11 @@ def finish(
         accuracy = ray.get(task.remote(cfg, models))
         for stage, figures in accuracy.items():
             say(
-                f"{'':<16} task accuracy after {stage}: {figures['accuracy']:.1%} "
-                f"(TPF {figures['tokens_per_forward']:.2f})"
+                f"{'':<16} after {stage}: task accuracy {figures['accuracy']:.1%}, answer "
+                f"similarity {figures['similarity']:.1%}, TPF {figures['tokens_per_forward']:.2f}"
             )
             client.log_metric(parent_run_id, f"task_accuracy_{stage}", figures["accuracy"])
+            client.log_metric(parent_run_id, f"task_similarity_{stage}", figures["similarity"])
         summary["task_accuracy"] = accuracy
     with tempfile.TemporaryDirectory() as tmp:
         for path in plots(cfg, client, committed, summary.get("task_accuracy"), Path(tmp)):
