@@ -105,8 +105,10 @@ def hf_generate(model, prompts: list[list[int]], eos: int, max_new: int, decode_
         tokens += len(out)
         answers.append(decode_text(out))
     seconds = time.perf_counter() - started
+    scores = tasks.score(examples, answers)
     return {
-        "accuracy": tasks.score(examples, answers)["accuracy"],
+        "accuracy": scores["accuracy"],
+        "similarity": scores["similarity"],
         "tokens": tokens,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
