@@ -34,12 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def startup_seconds(client: MlflowClient, cfg: PipelineConfig, stage: str, began: str) -> float:
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`{tracking.PIPELINE_TAG}` = '{cfg.name}' and "
-        f"tags.`{tracking.RUN_TAG}` = '{stage}'",
-    )
-    history = client.get_metric_history(runs[0].info.run_id, "val_loss") if runs else []
+    run = tracking.latest_run(client, experiment.experiment_id, cfg, stage)
+    history = client.get_metric_history(run.info.run_id, "val_loss") if run else []
     if not history:
         return 0.0
     first = min(m.timestamp for m in history) / 1000

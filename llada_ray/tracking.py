@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from mlflow.entities import Param, RunStatus
+from mlflow.entities import Param, Run, RunStatus
 from mlflow.tracking import MlflowClient
 
 from llada_ray.config import PipelineConfig
@@ -46,6 +46,19 @@ def _flat(prefix: str, value: object) -> dict[str, str]:
     return {prefix: str(value)[:500]}
 
 
+def latest_run(
+    client: MlflowClient, experiment_id: str, cfg: PipelineConfig, run_name: str
+) -> Run | None:
+    """The newest MLflow run named `run_name` in this pipeline, or None."""
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PIPELINE_TAG}` = '{cfg.name}' and tags.`{RUN_TAG}` = '{run_name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0] if found else None
+
+
 def start_run(
     cfg: PipelineConfig,
     run_name: str,
@@ -62,14 +75,9 @@ def start_run(
             cfg.tracking.experiment, artifact_location=_artifact_location(cfg.tracking.uri)
         )
     )
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{PIPELINE_TAG}` = '{cfg.name}' and tags.`{RUN_TAG}` = '{run_name}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if found and found[0].info.status != RunStatus.to_string(RunStatus.FINISHED):
-        run_id = found[0].info.run_id
+    found = latest_run(client, experiment_id, cfg, run_name)
+    if found and found.info.status != RunStatus.to_string(RunStatus.FINISHED):
+        run_id = found.info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
     tags = {PIPELINE_TAG: cfg.name, RUN_TAG: run_name}

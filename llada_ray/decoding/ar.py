@@ -12,21 +12,10 @@ import torch
 
 from llada_ray.decoding.batch import DecodeBatch, Decoder, StopCheck, left_padded
 from llada_ray.decoding.sampling import Generation, Sampling, choose
-from llada_ray.model.adapter import DiffusionLM
 
 
 class ARDecoder(Decoder):
     """Greedy or sampled next-token decoding with a KV cache (`use_cache=False`: recompute)."""
-
-    def __init__(
-        self,
-        dlm: DiffusionLM,
-        eos_token_id: int,
-        use_cache: bool = True,
-        max_length: int | None = None,
-    ) -> None:
-        super().__init__(dlm, eos_token_id, max_length)
-        self.use_cache = use_cache
 
     @torch.no_grad()
     def stream(

@@ -110,8 +110,14 @@ StopCheck = Callable[[int, list[int]], bool]  # (request index, tokens so far) â
 class Decoder:
     """What every decoder shares: per-request settings, the context limit, when a request ends."""
 
-    def __init__(self, dlm: DiffusionLM, eos_token_id: int, max_length: int | None = None) -> None:
-        self.dlm, self.eos = dlm.eval(), eos_token_id
+    def __init__(
+        self,
+        dlm: DiffusionLM,
+        eos_token_id: int,
+        use_cache: bool = True,
+        max_length: int | None = None,
+    ) -> None:
+        self.dlm, self.eos, self.use_cache = dlm.eval(), eos_token_id, use_cache
         self.mask = dlm.mask_token_id
         self.max_length: int = max_length or dlm.hf.config.max_position_embeddings
 

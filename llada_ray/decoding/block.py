@@ -33,8 +33,8 @@ class BlockDecoder(Decoder):
         use_cache: bool = True,
         max_length: int | None = None,
     ) -> None:
-        super().__init__(dlm, eos_token_id, max_length)
-        self.block_size, self.use_cache = block_size, use_cache
+        super().__init__(dlm, eos_token_id, use_cache, max_length)
+        self.block_size = block_size
 
     def positions_needed(self, prompt_length: int, max_new_tokens: int) -> int:
         """The last block is decoded whole, so the end rounds up to a block boundary."""

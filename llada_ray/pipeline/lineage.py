@@ -34,12 +34,11 @@ def export_path(run_root: str) -> str:
     return f"{run_root}/models/export"
 
 
-def uri_of(fs: pafs.FileSystem, path: str) -> str:
-    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
-
-
-def _uri(fs: pafs.FileSystem, path: str | None) -> str | None:
-    return None if path is None else uri_of(fs, path)
+def uri_of(fs: pafs.FileSystem, path: str | None) -> str | None:
+    """A storage path as users write it (s3://bucket/key); None stays None."""
+    if path is None or not isinstance(fs, pafs.S3FileSystem):
+        return path
+    return f"s3://{path}"
 
 
 def export(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, model: str) -> str:
@@ -64,7 +63,7 @@ def export(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, model: str) 
             {
                 "stage": s.name,
                 "config_hash": s.config_hash,
-                "output": _uri(fs, committed.get(s.name, {}).get("output")),
+                "output": uri_of(fs, committed.get(s.name, {}).get("output")),
             }
             for s in stage_graph(cfg)
             if s.kind != "export"
@@ -121,7 +120,7 @@ def register(
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    tags = {f"upstream.{stage}": str(_uri(fs, m.get("output"))) for stage, m in committed.items()}
+    tags = {f"upstream.{stage}": str(uri_of(fs, m.get("output"))) for stage, m in committed.items()}
     tags |= {"config_hash": stage_graph(cfg)[-1].config_hash, "pipeline": cfg.name}
     version = client.create_model_version(name, uri_of(fs, export_dir), run_id=run_id, tags=tags)
     client.set_registered_model_alias(name, cfg.tracking.model_alias, version.version)
@@ -194,18 +193,10 @@ def plots(
         summary = committed.get(unit.name, {}).get("summary", {})
         if unit.objective == "merge" or not summary.get("step") or experiment is None:
             continue
-        runs = client.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"tags.`{tracking.PIPELINE_TAG}` = '{cfg.name}' and "
-            f"tags.`{tracking.RUN_TAG}` = '{unit.name}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if not runs:
+        run = tracking.latest_run(client, experiment.experiment_id, cfg, unit.name)
+        if run is None:
             continue
-        history = sorted(
-            client.get_metric_history(runs[0].info.run_id, "loss"), key=lambda m: m.step
-        )
+        history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
         per_step = (summary.get("tokens") or 0) / summary["step"]
         ax.plot(
             [offset + m.step * per_step for m in history],

@@ -90,7 +90,6 @@ def run_pipeline(
         return PipelineOutcome([], [s.name for s in graph], committed["export"]["output"])
 
     parent = tracking.start_run(cfg, "pipeline", {"pipeline": cfg.model_dump(mode="json")})
-    outputs = {name: m.get("output") for name, m in committed.items()}
     ran, skipped = [], []
     previous: str | None = None  # the output the next stage starts from
     model: str | None = None  # the newest model: what export publishes
@@ -124,7 +123,6 @@ def run_pipeline(
                 },
             )
             say(f"{stage.name:<16} committed in {seconds:.1f} s → {output}")
-            outputs[stage.name] = output
             previous = output or previous
             model = previous if stage.kind in ("train", "merge") else model
             ran.append(stage.name)
@@ -132,7 +130,7 @@ def run_pipeline(
         tracking.finish_run(cfg, parent, None, failed=True)
         raise
     tracking.finish_run(cfg, parent, None)
-    return PipelineOutcome(ran, skipped, outputs.get("export"))
+    return PipelineOutcome(ran, skipped, previous)  # export is the last stage
 
 
 def _run_stage(

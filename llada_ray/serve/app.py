@@ -287,7 +287,6 @@ def build(args: dict) -> Application:
         raise ValueError(f"invalid serve config:\n{err}") from err
     return LLaDAServer.options(
         max_ongoing_requests=cfg.max_ongoing_requests,
-        autoscaling_config=cfg.autoscaling.model_dump()
-        | {"target_ongoing_requests": cfg.autoscaling.target_ongoing_requests},
+        autoscaling_config=cfg.autoscaling.model_dump(),
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
     ).bind(cfg)

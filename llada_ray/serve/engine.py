@@ -167,7 +167,8 @@ class TextEngine:
         progress = [_Progress() for _ in jobs]
 
         def stopped(r: int, tokens: list[int]) -> bool:
-            return _stop_at(self._text(tokens), jobs[r].stops) is not None
+            stops = jobs[r].stops
+            return bool(stops) and _stop_at(self._text(tokens), stops) is not None
 
         steps = self.decoder.stream(
             [j.prompt_ids for j in jobs],
