@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo cluster-demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 # Corpus → block-diffusion model → served answers (tools/demo.py): local Ray, files, sqlite MLflow.
 demo: setup
 	$(BIN)/python tools/demo.py
+
+# An autoscaling cluster on this machine (cluster/local-fake.yaml): nodes added, then removed idle.
+cluster-demo: setup
+	$(BIN)/python tools/cluster_demo.py
 
 test: setup
 	$(BIN)/ruff check .
@@ -35,6 +39,7 @@ bench: setup
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

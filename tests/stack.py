@@ -13,14 +13,17 @@ import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from botocore.client import BaseClient
 
 BIN = Path(sys.executable).parent
@@ -34,10 +37,10 @@ RAY_ENV = {
 }
 # The Serve tests' API key: the Ray head is started with it, so replicas can read it.
 SERVE_ENV = {"LLADA_RAY_TEST_API_KEY": secrets.token_urlsafe(16)}
-# moto accepts any credentials; these exist only for the test's S3 server.
+# moto accepts any credentials: these are random so that a test can prove none of them leaks.
 S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_ACCESS_KEY_ID": f"AKIA{secrets.token_hex(8).upper()}",
+    "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 
@@ -105,10 +108,8 @@ class RayHead:
     pid: int
 
 
-@contextlib.contextmanager
-def ray_head(num_cpus: int = 4, extra_env: dict[str, str] | None = None) -> Iterator[RayHead]:
-    # Short path: Ray's unix sockets live under temp_dir and must fit in 107 characters.
-    temp_dir = Path(tempfile.mkdtemp(prefix="lr-ray-", dir="/tmp"))
+def _ray_start_args(temp_dir: Path) -> tuple[list[str], dict[str, int]]:
+    """`ray start` flags giving every port of a head its own free number; (flags, ports)."""
     # Ray refuses a port that falls in its worker range or is used twice: draw until distinct.
     worker_lo = free_port()
     taken = set(range(worker_lo, worker_lo + 201))
@@ -130,18 +131,59 @@ def ray_head(num_cpus: int = 4, extra_env: dict[str, str] | None = None) -> Iter
             port = free_port()
         taken.add(port)
         ports[flag] = port
-    gcs, dashboard = ports["--port"], ports["--dashboard-port"]
-    cmd = [
-        str(BIN / "ray"), "start", "--head", "--block",
-        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-        f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}",
+    args = [
+        "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+        f"--temp-dir={temp_dir}",
         f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 200}",
         *(f"{flag}={port}" for flag, port in ports.items()),
     ]  # fmt: skip
+    return args, ports
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int = 4, extra_env: dict[str, str] | None = None) -> Iterator[RayHead]:
+    # Short path: Ray's unix sockets live under temp_dir and must fit in 107 characters.
+    temp_dir = Path(tempfile.mkdtemp(prefix="lr-ray-", dir="/tmp"))
+    args, ports = _ray_start_args(temp_dir)
+    cmd = [str(BIN / "ray"), "start", *args, f"--num-cpus={num_cpus}"]
     env = {**RAY_ENV, **(extra_env or {})}
+    yield from _run_head(cmd, temp_dir, ports, env)
+
+
+@contextlib.contextmanager
+def fake_cluster(config: Path, idle_timeout_minutes: float | None = None) -> Iterator[RayHead]:
+    """A head whose autoscaler adds and removes worker nodes on this machine (fake_multinode).
+
+    The launcher YAML is copied with the head's GCS address filled in; the worker raylets the
+    autoscaler starts are children of the head's monitor, so they stop with its process group.
+    """
+    temp_dir = Path(tempfile.mkdtemp(prefix="lr-fake-", dir="/tmp"))
+    args, ports = _ray_start_args(temp_dir)
+    launcher = yaml.safe_load(config.read_text())
+    launcher["provider"]["gcs_address"] = f"127.0.0.1:{ports['--port']}"
+    if idle_timeout_minutes is not None:
+        launcher["idle_timeout_minutes"] = idle_timeout_minutes
+    head = launcher["available_node_types"][launcher["head_node_type"]]["resources"]
+    autoscaling = temp_dir / "autoscaling.yaml"
+    autoscaling.write_text(yaml.safe_dump(launcher))
+    cmd = [
+        str(BIN / "ray"), "start", *args, f"--autoscaling-config={autoscaling}",
+        f"--num-cpus={head.get('CPU', 0)}", f"--num-gpus={head.get('GPU', 0)}",
+    ]  # fmt: skip
+    # The fake nodes' raylets inherit the head's environment: RAY_TMPDIR keeps them in temp_dir.
+    env = {**RAY_ENV, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+           "RAY_TMPDIR": str(temp_dir)}  # fmt: skip
+    yield from _run_head(cmd, temp_dir, ports, env)
+
+
+def _run_head(
+    cmd: list[str], temp_dir: Path, ports: dict[str, int], env: dict[str, str]
+) -> Iterator[RayHead]:
+    gcs, dashboard = ports["--port"], ports["--dashboard-port"]
     with process_group(cmd, temp_dir / "ray-start.log", env) as proc:
-        wait_for_port(gcs, proc, temp_dir / "ray-start.log")
-        wait_for_port(dashboard, proc, temp_dir / "ray-start.log")
+        # The dashboard agent takes job submissions: up last, and up means the head is ready.
+        for port in (gcs, dashboard, ports["--dashboard-agent-listen-port"]):
+            wait_for_port(port, proc, temp_dir / "ray-start.log")
         yield RayHead(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", temp_dir, proc.pid)
 
 
@@ -195,3 +237,117 @@ def mlflow_server() -> Iterator[MlflowServer]:
     with process_group(cmd, workdir / "mlflow.log", env) as proc:
         wait_for_port(port, proc, workdir / "mlflow.log", timeout=120)
         yield MlflowServer(f"http://127.0.0.1:{port}")
+
+
+def alive_worker_nodes(head: RayHead) -> set[str]:
+    """Node ids of the cluster's live nodes other than the head."""
+    from ray.util.state import list_nodes
+
+    # Filtered in Python: a filtered listing counts as truncated once some node is dead.
+    nodes = list_nodes(address=head.dashboard_url)
+    return {n.node_id for n in nodes if n.state == "ALIVE" and not n.is_head_node}
+
+
+def kill_fake_node(head: RayHead, node_id: str) -> list[int]:
+    """SIGKILL every process of one fake_multinode worker node, as if the machine died.
+
+    Those are the processes of the head's group that name the node (its raylet and agents take
+    the id as an argument) and their descendants (the node's workers, in sessions of their own).
+    """
+    parents: dict[int, int] = {}
+    named: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        with contextlib.suppress(OSError):
+            parents[pid] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if os.getpgid(pid) == head.pid and node_id.encode() in (entry / "cmdline").read_bytes():
+                named.add(pid)
+    doomed = set(named)
+    while grown := {pid for pid, ppid in parents.items() if ppid in doomed} - doomed:
+        doomed |= grown
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return sorted(doomed)
+
+
+class FlakyProxy:
+    """A TCP forwarder in front of a loopback server that can be taken down for a while.
+
+    During an outage the port refuses connections and every open one is reset, as when a
+    server restarts. `trip` (on client bytes) starts one outage: e.g. on the first PUT of a
+    checkpoint file, the outage hits that upload mid-flight.
+    """
+
+    def __init__(self, upstream_port: int, trip: Callable[[bytes], bool], seconds: float) -> None:
+        self.port = free_port()
+        self.outages: list[tuple[float, float]] = []  # (start, end), monotonic
+        self._upstream, self._trip, self._seconds = upstream_port, trip, seconds
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._tripped = self._closed = False
+        self._listen()
+
+    def _listen(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed: an outage or the end
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._upstream))
+            with self._lock:
+                self._open |= {client, upstream}
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                if from_client and not self._tripped and self._trip(data):
+                    self._outage()
+                    return
+                dst.sendall(data)
+        for s in (src, dst):
+            self._drop(s, reset=False)
+
+    def _drop(self, s: socket.socket, reset: bool) -> None:
+        with self._lock:
+            self._open.discard(s)
+        with contextlib.suppress(OSError):
+            if reset:  # SO_LINGER 0: close sends RST, the client sees "connection reset"
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.shutdown(socket.SHUT_RDWR)
+        s.close()
+
+    def _outage(self) -> None:
+        self._tripped, start = True, time.monotonic()
+        assert self._listener is not None
+        self._listener.close()
+        with self._lock:
+            doomed = list(self._open)
+        for s in doomed:
+            self._drop(s, reset=True)
+        time.sleep(self._seconds)
+        if not self._closed:
+            self._listen()
+        self.outages.append((start, time.monotonic()))
+
+    def close(self) -> None:
+        self._closed = True
+        if self._listener is not None:
+            self._listener.close()
+        with self._lock:
+            doomed = list(self._open)
+        for s in doomed:
+            self._drop(s, reset=False)
