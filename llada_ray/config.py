@@ -223,6 +223,9 @@ class StorageConfig(Strict):
     root: str = Field("runs", description="local directory, or s3://bucket/prefix")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, …)")
     region: str = "us-east-1"
+    retry_attempts: PositiveInt = Field(
+        10, description="S3 attempts per request, backing off exponentially: 10 ride out ~90 s"
+    )
 
 
 class TrackingConfig(Strict):

@@ -21,7 +21,7 @@ def filesystem_for(uri: str, cfg: StorageConfig) -> tuple[pafs.FileSystem, str]:
     options: dict = {
         "region": cfg.region,
         # Retries with backoff ride out a flaky or briefly unavailable endpoint.
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=10),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.retry_attempts),
     }
     if cfg.endpoint_url:
         endpoint = urlparse(cfg.endpoint_url)

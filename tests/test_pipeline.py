@@ -1,9 +1,11 @@
-"""The scheduler end to end on the real stack: every stage committed with lineage, a killed driver
-resumed to the identical model, no-op resubmission, and refusal of a changed committed stage."""
+"""The scheduler end to end on the real stack: every stage trained and committed with lineage while
+the S3 server goes down mid-upload, a killed driver resumed to the identical model, no-op
+resubmission, and refusal of a changed committed stage."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +26,7 @@ from llada_ray.pipeline.scheduler import ChangedStageError, main, run_pipeline
 from llada_ray.pipeline.status import stage_table
 from llada_ray.train import checkpoint
 from llada_ray.train.plan import find_unit, units
-from llada_ray.train.run import pipeline_root, run_path
+from llada_ray.train.run import output_of, pipeline_root, run_path
 from tests import stack
 from tests.test_train import _assert_same_weights, small_config
 
@@ -33,12 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pipeline_config(root: str, tracking: str, **overrides: object) -> PipelineConfig:
-    """Every stage kind, two CPT phases, a short evaluation."""
+    """Every stage kind and CPT phase kind, a short evaluation."""
     base = small_config("x", "", "").model_dump(mode="json")
-    base["stages"][1]["phases"] = [
-        {"name": "b4", "block_size": 4, "tokens": 8_000, "lr": 1e-3},
-        {"name": "b16", "block_size": 16, "tokens": 16_000, "lr": 5e-4},
-    ]
     base |= {
         "name": "pipe",
         "storage": {"root": root},
@@ -56,15 +54,83 @@ def _export_weights(cfg: PipelineConfig, tmp: Path) -> dict:
     return load_file(local)
 
 
+def _checkpoint_put(data: bytes) -> bool:
+    line = data.split(b"\r\n", 1)[0]
+    return line.startswith(b"PUT ") and b"/checkpoint_" in line
+
+
 @pytest.fixture(scope="module")
-def reference(ray_cluster, s3, mlflow_tracking) -> PipelineConfig:
-    """The whole pipeline once, storage on the S3 server, tracking on the MLflow server."""
-    storage = {"root": f"s3://{s3.bucket}/pipeline", "endpoint_url": s3.endpoint_url}
+def flaky_s3(s3) -> Iterator[stack.FlakyProxy]:
+    """The S3 server behind a proxy that goes down for 10 s at the first checkpoint upload."""
+    port = int(s3.endpoint_url.rsplit(":", 1)[1])
+    proxy = stack.FlakyProxy(port, _checkpoint_put, seconds=10)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, flaky_s3, s3, mlflow_tracking) -> PipelineConfig:
+    """The whole pipeline once, storage on the (flaky) S3 server, tracking on the MLflow server."""
+    endpoint = f"http://127.0.0.1:{flaky_s3.port}"
+    storage = {"root": f"s3://{s3.bucket}/pipeline", "endpoint_url": endpoint}
     cfg = pipeline_config("", mlflow_tracking.uri, storage=storage)
     lines: list[str] = []
     outcome = run_pipeline(cfg, say=lines.append)
     assert outcome.ran == [s.name for s in stage_graph(cfg)], lines
     return cfg
+
+
+def test_an_s3_outage_mid_upload_is_ridden_out(reference, flaky_s3):
+    """The first checkpoint upload met a 10 s outage (connections reset, then refused): storage
+    retried with backoff, no run restarted, and every checkpoint left in storage verifies."""
+    assert len(flaky_s3.outages) == 1
+    start, end = flaky_s3.outages[0]
+    assert end - start >= 10
+    fs, run_root = pipeline_root(reference)
+    committed = manifests.read_all(fs, run_root)
+    for unit in units(reference):
+        if unit.objective == "merge":
+            continue
+        assert committed[unit.name]["summary"]["resumed_from"] is None, unit.name
+        for path in checkpoint.list_checkpoints(fs, run_path(run_root, unit)):
+            fetched = checkpoint.fetch(fs, path)
+            assert fetched is not None, f"{path} is torn"
+            fetched.cleanup()
+
+
+def test_every_stage_trained_and_its_validation_loss_fell(reference, s3, mlflow_tracking):
+    cfg = reference
+    client = MlflowClient(mlflow_tracking.uri)
+    experiment = client.get_experiment_by_name("pipeline-test").experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([experiment])}
+    for unit in units(cfg):
+        run = runs[unit.name]
+        assert run.info.status == "FINISHED"
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "checkpoint_manifest.json"} <= artifacts, unit.name
+        if unit.objective == "merge":
+            continue
+        val = client.get_metric_history(run.info.run_id, "val_loss")
+        first, last = min(val, key=lambda m: m.step), max(val, key=lambda m: m.step)
+        assert first.step == 0 and last.value < first.value, (unit.name, first, last)
+        assert run.data.params["run.objective"] == unit.objective
+        assert {"loss", "lr", "tokens_per_s", "block_size"} <= run.data.metrics.keys()
+    assert "cap_entropy" in runs["cap"].data.metrics
+    assert {"reward_margin", "reward_accuracy"} <= runs["dpo"].data.metrics.keys()
+    assert "embed_noise_std" in runs["cpt-b1"].data.metrics
+    assert "masked_ratio" in runs["cpt-stable"].data.metrics
+
+    # Checkpoints are on the S3 server; the last CPT phase kept its top-2 + the latest, and the
+    # merge averaged the two with the lowest validation loss.
+    fs, run_root = pipeline_root(cfg)
+    kept = checkpoint.read_manifests(fs, run_path(run_root, find_unit(cfg, "cpt-b16")))
+    assert 2 <= len(kept) <= 3
+    assert any(k.endswith("/model.safetensors") for k in s3.keys("pipeline/"))
+    merged = output_of(fs, run_root, find_unit(cfg, "merge"))
+    assert merged is not None
+    merged.cleanup()
+    best = sorted(m["val_loss"] for _, m in kept)[:2]
+    assert sorted(s["val_loss"] for s in merged.manifest["sources"]) == best
 
 
 def test_every_stage_committed_with_lineage_in_mlflow(reference, mlflow_tracking):
@@ -130,6 +196,32 @@ def test_a_changed_committed_stage_is_refused_by_name(reference, tmp_path, capsy
     assert main(["--config", str(path), "--force-from", "nope"]) == 2
 
 
+def test_no_credential_in_mlflow_manifests_or_logs(reference, ray_cluster, s3, mlflow_tracking):
+    """The S3 keys and the Serve API key of the test environment appear nowhere a run leaves
+    text: MLflow params, tags and config artifacts, storage manifests, the cluster's logs."""
+    secrets = [stack.S3_ENV["AWS_ACCESS_KEY_ID"], stack.S3_ENV["AWS_SECRET_ACCESS_KEY"],
+               stack.SERVE_ENV["LLADA_RAY_TEST_API_KEY"]]  # fmt: skip
+    texts: dict[str, bytes] = {}
+    client = MlflowClient(mlflow_tracking.uri)
+    experiment = client.get_experiment_by_name("pipeline-test").experiment_id
+    for run in client.search_runs([experiment]):
+        texts[f"mlflow {run.info.run_name}"] = json.dumps([run.data.params, run.data.tags]).encode()
+        if any(a.path == "config.yaml" for a in client.list_artifacts(run.info.run_id)):
+            local = client.download_artifacts(run.info.run_id, "config.yaml")
+            texts[f"mlflow {run.info.run_name} config.yaml"] = Path(local).read_bytes()
+    bucket = s3.client()
+    for key in s3.keys("pipeline/"):
+        if key.endswith((".json", ".yaml")):
+            texts[key] = bucket.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+    for path in ray_cluster.temp_dir.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                texts[str(path)] = path.read_bytes()
+    assert any("manifest.json" in k for k in texts) and any("raylet" in k for k in texts)
+    leaks = [(where, s[:4]) for where, text in texts.items() for s in secrets if s.encode() in text]
+    assert not leaks
+
+
 @contextlib.contextmanager
 def _driver(cmd: list[str], head: stack.RayHead, log: Path) -> Iterator[subprocess.Popen]:
     """The pipeline job's driver as its own process group, connected to the test head."""
@@ -166,13 +258,13 @@ def test_forced_stage_killed_mid_run_resumes_to_the_same_model(
             time.sleep(0.5)
         os.killpg(proc.pid, 9)
     forced = manifests.read_all(fs, run_root)
-    assert set(forced) == {"pack", "ar_pretrain", "cpt-b4"}
+    assert set(forced) == {"pack", "ar_pretrain", "cpt-b1", "cpt-b4", "cpt-stable"}
 
     log = tmp_path / "second" / "driver.log"
     with _driver(_args(path), ray_cluster, log) as proc:
         assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
         out = log.read_text()
-    for stage in ("pack", "ar_pretrain", "cpt-b4"):
+    for stage in ("pack", "ar_pretrain", "cpt-b1", "cpt-b4", "cpt-stable"):
         assert f"{stage:<16} committed, skipped" in out
     after = manifests.read_all(fs, run_root)
     assert after["cpt-b4"] == first["cpt-b4"]
