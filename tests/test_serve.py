@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import random
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +16,10 @@ from pathlib import Path
 
 import pytest
 import requests
+import schemathesis
 import yaml
+from hypothesis import HealthCheck, given, settings
+from schemathesis import Case, GenerationMode
 
 from llada_ray.config import ServeConfig, TinyModelConfig
 from llada_ray.model import build_tiny_model, save_model
@@ -232,3 +238,148 @@ def test_api_key_is_required_when_set(servers):
         )
     ok = _post(f"{secure_url}/v1/completions", body, {"Authorization": f"Bearer {key}"})
     assert ok.status_code == 200 and ok.json()["model"] == MODEL
+
+
+# --- hard knocks: load, fuzz, a killed replica ------------------------------------------------
+
+
+def _load_request(rng: random.Random, url: str) -> tuple[str, str | dict, bool]:
+    """(url, body, valid) drawn from completions, chats and the malformed requests of BAD."""
+    kind = rng.random()
+    if kind < 0.4:
+        body = {"model": MODEL, "prompt": rng.choice(["import os", "def f(x):", "class A:"]),
+                "max_tokens": rng.randint(4, 16)}  # fmt: skip
+        return f"{url}/v1/completions", body, True
+    if kind < 0.7:
+        message = {"role": "user", "content": rng.choice(["hi", "sort 3 1 2"])}
+        body = {"model": MODEL, "max_tokens": rng.randint(4, 16), "stream": rng.random() < 0.3,
+                "messages": [message]}  # fmt: skip
+        return f"{url}/v1/chat/completions", body, True
+    path, body, _, _ = rng.choice(BAD)
+    return f"{url}{path}", body, False
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def test_32_clients_for_60_s_with_malformed_requests_get_no_5xx(servers, capsys):
+    open_url, _ = servers
+    stop = time.monotonic() + 60
+    results: list[tuple[bool, int, float]] = []  # (valid, status, seconds)
+
+    def client(seed: int) -> None:
+        rng, session = random.Random(seed), requests.Session()
+        while time.monotonic() < stop:
+            url, body, valid = _load_request(rng, open_url)
+            data = body if isinstance(body, str) else json.dumps(body)
+            started = time.monotonic()
+            r = session.post(url, data=data, headers=JSON, timeout=120)
+            r.content  # a stream counts once it has ended  # noqa: B018
+            results.append((valid, r.status_code, time.monotonic() - started))
+
+    with ThreadPoolExecutor(32) as pool:
+        for future in [pool.submit(client, seed) for seed in range(32)]:
+            future.result()  # a client error (timeout, reset) fails the test here
+    statuses = [s for _, s, _ in results]
+    assert not [s for s in statuses if s >= 500]
+    assert all(s == 200 for v, s, _ in results if v)
+    assert all(400 <= s < 500 for v, s, _ in results if not v)
+    latency = [t for v, _, t in results if v]
+    with capsys.disabled():
+        print(f"\n  serve load: {len(results)} requests in 60 s from 32 clients "
+              f"({len(latency)} valid), 0 × 5xx, latency p50 {_percentile(latency, 0.5):.2f} s "
+              f"p99 {_percentile(latency, 0.99):.2f} s")  # fmt: skip
+
+
+def _cheap(case: Case) -> Case:
+    """Fuzzed bodies stay cheap to decode: at most 2 choices × 2 prompts × 8 tokens."""
+    if isinstance(case.body, dict):
+        body = dict(case.body)
+        for key, cap in (("max_tokens", 8), ("max_completion_tokens", 8), ("n", 2)):
+            if isinstance(body.get(key), int) and body[key] > cap:
+                body[key] = cap
+        if isinstance(body.get("prompt"), list):
+            body["prompt"] = body["prompt"][:2]
+        case.body = body
+    return case
+
+
+def test_fuzzed_requests_from_the_openapi_document_get_no_5xx(servers):
+    """schemathesis draws requests from the app's own OpenAPI document, valid and invalid, for
+    every operation; none may get a 5xx (bounded: 30 examples per operation and mode)."""
+    open_url, _ = servers
+    schema = schemathesis.openapi.from_url(f"{open_url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions"}
+    session = requests.Session()
+    seen: list[int] = []
+    for op in operations:
+        # An operation without parameters or body (GET /health) has no invalid request.
+        modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if op.body else [])
+        for mode in modes:
+
+            @settings(max_examples=30, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))  # fmt: skip
+            @given(case=op.as_strategy(generation_mode=mode).map(_cheap))
+            def call(case: Case) -> None:
+                r = case.call(base_url=open_url, session=session, timeout=60)
+                seen.append(r.status_code)
+                assert r.status_code < 500, (case.method, case.path, case.body, r.text)
+
+            call()
+    assert len(seen) > 4 * 30 and any(s == 200 for s in seen) and any(s == 400 for s in seen)
+
+
+def _replica_pids(head: stack.RayHead, app: str) -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=head.dashboard_url, filters=[("state", "=", "ALIVE")])
+    return [a.pid for a in actors if a.class_name == f"ServeReplica:{app}:LLaDAServer"]
+
+
+def test_killed_replica_under_load_fails_in_flight_requests_cleanly_and_comes_back(
+    servers, ray_cluster, capsys
+):
+    """SIGKILL the replica while 8 clients keep it busy: every request ends (no hung client),
+    those in flight with a 5xx at worst, and the controller brings a replica back that answers."""
+    open_url, _ = servers
+    (victim,) = _replica_pids(ray_cluster, "open")
+    killed_at: list[float] = []
+    results: list[tuple[float, float, int]] = []  # (sent, ended, status)
+    body = json.dumps({"model": MODEL, "prompt": "def f(x):", "max_tokens": 16})
+
+    def client() -> None:
+        session = requests.Session()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            sent = time.monotonic()
+            r = session.post(f"{open_url}/v1/completions", data=body, headers=JSON, timeout=90)
+            results.append((sent, time.monotonic(), r.status_code))
+            recovered = [s for t, _, s in results if killed_at and t > killed_at[0] + 1]
+            if recovered.count(200) >= 3:
+                return
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(client) for _ in range(8)]
+        while len(results) < 8:
+            time.sleep(0.1)
+        killed_at.append(time.monotonic())
+        os.kill(victim, signal.SIGKILL)
+        for future in futures:
+            future.result()  # a timeout or reset would fail the test here: none may hang
+    (replica,) = _replica_pids(ray_cluster, "open")
+    assert replica != victim
+    failed = [(t, s) for t, _, s in results if s != 200]
+    assert all(
+        s >= 500 for _, s in failed
+    )  # a dead replica is the server's fault, not the client's
+    # Only requests sent before the kill or while no replica was up may fail.
+    back = min(end for sent, end, s in results if s == 200 and sent > killed_at[0])
+    assert all(t < back for t, _ in failed)
+    assert _post(f"{open_url}/v1/completions", json.loads(body)).status_code == 200
+    with capsys.disabled():
+        print(f"\n  replica killed under load: {len(results)} requests, failed "
+              f"{sorted(s for _, s in failed)}, answering again {back - killed_at[0]:.1f} s "
+              "after the kill")  # fmt: skip
