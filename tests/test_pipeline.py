@@ -37,6 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 def pipeline_config(root: str, tracking: str, **overrides: object) -> PipelineConfig:
     """Every stage kind and CPT phase kind, a short evaluation."""
     base = small_config("x", "", "").model_dump(mode="json")
+    phases = base["stages"][1]["phases"]  # b1 (warm-up), stable, b16 (decay)
+    base["stages"][1]["phases"] = [p for p in phases if p["name"] != "b4"]
     base |= {
         "name": "pipe",
         "storage": {"root": root},
@@ -144,7 +146,7 @@ def test_every_stage_committed_with_lineage_in_mlflow(reference, mlflow_tracking
         assert m["config_hash"] == stage.config_hash and m["code_version"]["package"]
         assert m["output"], stage.name
     assert committed["sft"]["input"] == committed["merge"]["output"]
-    assert committed["cpt-b4"]["summary"]["val_loss"] > 0
+    assert committed["cpt-b1"]["summary"]["val_loss"] > 0
     assert all(r["state"] == "committed" for r in stage_table(cfg))
 
     export = committed["export"]["output"]
@@ -233,8 +235,8 @@ def _driver(cmd: list[str], head: stack.RayHead, log: Path) -> Iterator[subproce
 def test_forced_stage_killed_mid_run_resumes_to_the_same_model(
     reference, ray_cluster, mlflow_tracking, tmp_path
 ):
-    """Redo cpt-b16 and all after it (--force-from) with the job's driver, SIGKILL the driver while
-    cpt-b16 trains, submit again: the stages before it are not rerun, cpt-b16 resumes from its
+    """Redo sft and all after it (--force-from) with the job's driver, SIGKILL the driver while
+    sft trains, submit again: the stages before it are not rerun, sft resumes from its
     checkpoint, and the exported model is identical to the one the uninterrupted run exported."""
     cfg = reference
     (tmp_path / "before").mkdir()
@@ -243,12 +245,12 @@ def test_forced_stage_killed_mid_run_resumes_to_the_same_model(
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     fs, run_root = pipeline_root(cfg)
     first = manifests.read_all(fs, run_root)
-    target = run_path(run_root, find_unit(cfg, "cpt-b16"))
+    target = run_path(run_root, find_unit(cfg, "sft"))
 
     log = tmp_path / "first" / "driver.log"
-    with _driver([*_args(path), "--force-from", "cpt-b16"], ray_cluster, log) as proc:
+    with _driver([*_args(path), "--force-from", "sft"], ray_cluster, log) as proc:
         deadline = time.monotonic() + 600
-        # The forced stages are forgotten first (export last), then cpt-b16 trains afresh.
+        # The forced stages are forgotten first (export last), then sft trains afresh.
         while "export" in manifests.read_all(fs, run_root) or not any(
             m.get("step", 0) >= 5 and not m.get("final")
             for _, m in checkpoint.read_manifests(fs, target)
@@ -258,17 +260,18 @@ def test_forced_stage_killed_mid_run_resumes_to_the_same_model(
             time.sleep(0.5)
         os.killpg(proc.pid, 9)
     forced = manifests.read_all(fs, run_root)
-    assert set(forced) == {"pack", "ar_pretrain", "cpt-b1", "cpt-b4", "cpt-stable"}
+    kept = ("pack", "ar_pretrain", "cpt-b1", "cpt-stable", "cpt-b16", "merge")
+    assert set(forced) == set(kept)
 
     log = tmp_path / "second" / "driver.log"
     with _driver(_args(path), ray_cluster, log) as proc:
         assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
         out = log.read_text()
-    for stage in ("pack", "ar_pretrain", "cpt-b1", "cpt-b4", "cpt-stable"):
+    for stage in kept:
         assert f"{stage:<16} committed, skipped" in out
     after = manifests.read_all(fs, run_root)
-    assert after["cpt-b4"] == first["cpt-b4"]
-    assert after["cpt-b16"]["summary"]["resumed_from"] >= 5
+    assert after["merge"] == first["merge"]
+    assert after["sft"]["summary"]["resumed_from"] >= 5
     (tmp_path / "after").mkdir()
     _assert_same_weights(before_weights, _export_weights(cfg, tmp_path / "after"))
     client = MlflowClient(mlflow_tracking.uri)

@@ -105,7 +105,7 @@ def test_killed_worker_resumes_to_the_same_weights(ray_cluster, mlflow_tracking,
     and the final weights equal an uninterrupted run's bit for bit (no sample skipped or seen
     twice, the same noise draws)."""
     stages = small_config("x", "", "").model_dump()["stages"][:1]
-    stages[0] |= {"tokens": 25_000}
+    stages[0] |= {"tokens": 15_000}
     make = lambda root: small_config(  # noqa: E731
         "kill", str(root), mlflow_tracking.uri, stages=stages, scaling__max_failures=1
     )
@@ -175,7 +175,7 @@ def test_sharded_strategy_trains_checkpoints_and_resumes(
     ray_cluster, mlflow_tracking, tmp_path, scaling
 ):
     stages = small_config("x", "", "").model_dump()["stages"][:1]
-    stages[0] |= {"tokens": 20_000}
+    stages[0] |= {"tokens": 12_000}
     cfg = small_config("sharded", str(tmp_path), mlflow_tracking.uri, stages=stages,
                        scaling={"num_workers": 2, **scaling})  # fmt: skip
     unit = find_unit(cfg, "ar_pretrain")
