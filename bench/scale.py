@@ -31,7 +31,6 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 from ray.job_submission import JobStatus, JobSubmissionClient
-from ray.util.state import list_actors
 
 from llada_ray.config import PipelineConfig
 from llada_ray.train import checkpoint
@@ -104,12 +103,9 @@ def kill_after_first_checkpoint(head: stack.RayHead, cfg: PipelineConfig) -> tup
     fs, run_root = pipeline_root(cfg)
     while not checkpoint.read_manifests(fs, run_path(run_root, find_unit(cfg, "cpt-b4"))):
         time.sleep(0.2)
-    workers = list_actors(
-        address=head.dashboard_url,
-        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-    )
+    workers = stack.train_worker_nodes(head)
     killed_at = time.time()
-    return killed_at, len(stack.kill_fake_node(head, workers[-1].node_id))
+    return killed_at, len(stack.kill_fake_node(head, workers[-1]))
 
 
 def main() -> None:

@@ -248,6 +248,17 @@ def alive_worker_nodes(head: RayHead) -> set[str]:
     return {n.node_id for n in nodes if n.state == "ALIVE" and not n.is_head_node}
 
 
+def train_worker_nodes(head: RayHead) -> list[str]:
+    """The node id of each live Ray Train worker, in rank order as listed."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        address=head.dashboard_url,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
+    return [a.node_id for a in actors]
+
+
 def kill_fake_node(head: RayHead, node_id: str) -> list[int]:
     """SIGKILL every process of one fake_multinode worker node, as if the machine died.
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
-from ray.util.state import list_actors
 
 from llada_ray.config import PipelineConfig
 from llada_ray.train import checkpoint
@@ -21,14 +20,6 @@ from tests import stack
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _train_worker_nodes(head: stack.RayHead) -> list[str]:
-    actors = list_actors(
-        address=head.dashboard_url,
-        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-    )
-    return [a.node_id for a in actors]
 
 
 def test_cpt_phase_scales_out_survives_a_lost_node_and_scales_back_in(tmp_path, mlflow_tracking):
@@ -63,7 +54,7 @@ def test_cpt_phase_scales_out_survives_a_lost_node_and_scales_back_in(tmp_path, 
             assert time.monotonic() < deadline, "no checkpoint after 600 s"
             seen |= stack.alive_worker_nodes(head)
             time.sleep(0.5)
-        workers = _train_worker_nodes(head)
+        workers = stack.train_worker_nodes(head)
         assert len(set(workers)) == 2  # one worker per one-CPU node
         lost = workers[-1]
         assert stack.kill_fake_node(head, lost)

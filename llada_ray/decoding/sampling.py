@@ -50,7 +50,7 @@ class Generation:
         return len(self.tokens) / self.seconds if self.seconds else 0.0
 
 
-def _filtered(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+def filtered(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     """Temperature, then top-k, then top-p (nucleus) on one request's logits [..., V]."""
     logits = logits / s.temperature
     if s.top_k is not None:
@@ -80,7 +80,7 @@ def choose(
     confidence, tokens = logits.softmax(-1).max(-1)
     for r, s in enumerate(samplings):
         if s.temperature > 0 and active[r]:
-            probs = _filtered(logits[r], s).softmax(-1)
+            probs = filtered(logits[r], s).softmax(-1)
             tokens[r] = torch.multinomial(probs, 1, generator=generators[r]).squeeze(-1)
             confidence[r] = probs.gather(-1, tokens[r, :, None]).squeeze(-1)
     return tokens, confidence

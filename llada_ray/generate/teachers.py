@@ -12,6 +12,7 @@ import ray
 import ray.data
 
 from llada_ray.data.chat import prompt_ids
+from llada_ray.decoding.sampling import Sampling, filtered
 from llada_ray.generate.config import GenerateConfig
 from llada_ray.generate.prompts import CANDIDATE_SCHEMA
 
@@ -67,7 +68,8 @@ class StepSampler:
     batch). It returns a one-hot score row, which generate's greedy step then takes."""
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float) -> None:
-        self.seeds, self.temperature, self.top_p = seeds, temperature, top_p
+        self.seeds = seeds
+        self.sampling = Sampling(temperature=temperature, top_p=top_p)
         self.generators: list[torch.Generator] | None = None
         self.last: torch.Tensor | None = None  # log-softmax of the previous step
         self.logprobs: list[torch.Tensor] = []  # [step] (batch,)
@@ -83,14 +85,9 @@ class StepSampler:
 
         self.take(input_ids[:, -1])
         self.last = torch.log_softmax(scores.float(), dim=-1)
-        if self.temperature == 0:
+        if self.sampling.temperature == 0:
             return scores
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
-        if self.top_p < 1:
-            ordered, order = probs.sort(dim=-1, descending=True)
-            # Drop a token once the more likely ones already cover top_p (the first always stays).
-            ordered[ordered.cumsum(dim=-1) - ordered > self.top_p] = 0
-            probs = torch.zeros_like(probs).scatter(-1, order, ordered)
+        probs = filtered(scores.float(), self.sampling).softmax(-1)  # the decoder's own filter
         if self.generators is None:
             self.generators = [
                 torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds
