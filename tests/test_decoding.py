@@ -10,6 +10,7 @@ import torch
 
 from llada_ray.config import TinyModelConfig
 from llada_ray.decoding import ARDecoder, BlockDecoder, Sampling
+from llada_ray.decoding.sampling import choose
 from llada_ray.model import DiffusionLM, build_tiny_model
 from llada_ray.model.adapter import block_diffusion_inputs
 
@@ -51,43 +52,86 @@ def test_batched_equals_one_request_at_a_time(dlm, tiny_tokenizer):
     assert [g.forwards for g in batched] == [g.forwards for g in alone]
 
 
-def _reference(dlm: DiffusionLM, prompt: list[int], eos: int, max_new: int) -> list[int]:
-    """τ = 1: one token per step, the most confident masked one; every step recomputes the whole
-    sequence with the training layout [xt ; x0] (noisy block, clean context), no cache."""
+def _reference(
+    dlm: DiffusionLM, prompt: list[int], eos: int, max_new: int, threshold: float = 1.0
+) -> tuple[list[int], int]:
+    """(tokens, forwards) of greedy block decoding, recomputed from scratch at every step with
+    the training layout [xt ; x0] (noisy block, clean context), no cache, one request. A step
+    accepts every open position above τ, else the most confident one; a position is open while
+    masked, within the token budget and not after the first generated EOS."""
     seq, mask = list(prompt), dlm.mask_token_id
     new: list[int] = []
+    forwards = 0
     while True:
         start = len(seq) // B * B
-        block = seq[start:] + [mask] * (B - (len(seq) - start))
-        while mask in block:
+        given = len(seq) - start
+        block = seq[start:] + [mask] * (B - given)
+
+        def open_positions() -> list[int]:
+            end = min(B, given + max_new - len(new))
+            eos_at = next((i for i in range(given, B) if block[i] == eos), None)
+            if eos_at is not None:
+                end = min(end, eos_at + 1)
+            return [i for i in range(end) if block[i] == mask]
+
+        while opened := open_positions():
             x = torch.tensor([seq[:start] + block])
             doc = torch.zeros_like(x)
             pos = torch.arange(x.shape[1])[None]
             with torch.no_grad():
                 logits = dlm(**block_diffusion_inputs(x, x, doc, pos, B))[0, start:]
+            forwards += 1
             logits[:, mask] = float("-inf")
-            probs = logits.float().softmax(-1)
-            confidence, candidates = probs.max(-1)
-            open_ = torch.tensor([t == mask for t in block])
-            i = int(confidence.masked_fill(~open_, -1).argmax())
-            block[i] = int(candidates[i])
-        given = len(seq) - start
+            confidence, candidates = logits.float().softmax(-1).max(-1)
+            chosen = [i for i in opened if confidence[i] > threshold]
+            chosen = chosen or [max(opened, key=lambda i: float(confidence[i]))]
+            for i in chosen:
+                block[i] = int(candidates[i])
         produced = block[given:][: max_new - len(new)]
         if eos in produced:
-            return new + produced[: produced.index(eos) + 1]
+            return new + produced[: produced.index(eos) + 1], forwards
         new += produced
         seq = seq[:start] + block
         if len(new) >= max_new:
-            return new
+            return new, forwards
 
 
-def test_threshold_one_equals_a_brute_force_sampler(dlm, tiny_tokenizer):
+@pytest.mark.parametrize("threshold", [1.0, 0.3])
+def test_block_decoder_equals_a_brute_force_sampler(dlm, tiny_tokenizer, threshold):
+    """Accepts limited to positions that reach the output, cached and batched, give the tokens
+    and the forward count of the brute-force reference; every forward decides an output token."""
     eos = tiny_tokenizer.eos_token_id
-    sampling = Sampling(threshold=1.0, max_new_tokens=20)
-    out = BlockDecoder(dlm, eos, B).generate(_prompts(), sampling)
-    for prompt, g in zip(_prompts(), out, strict=True):
-        assert g.tokens == _reference(dlm, prompt, eos, 20)
-        assert g.tokens_per_forward <= 1.0
+    prompts = [*_prompts(), [*_prompts()[1][:5], eos, 9]]  # one prompt ends with an EOS
+    out = BlockDecoder(dlm, eos, B).generate(prompts, Sampling(threshold, max_new_tokens=20))
+    for prompt, g in zip(prompts, out, strict=True):
+        assert (g.tokens, g.forwards) == _reference(dlm, prompt, eos, 20, threshold)
+        assert g.forwards <= len(g.tokens)  # TPF ≥ 1: no forward decides nothing
+
+
+def test_a_row_leaves_the_batch_at_the_step_its_answer_is_complete(dlm, tiny_tokenizer):
+    """A request whose output ends mid-block leaves before the next forward: it took part in
+    exactly the forwards it counts, and the rows left in the batch decode as they would alone."""
+    eos = tiny_tokenizer.eos_token_id
+    prompts = [_prompts()[0], _prompts()[2]]  # 3 and 13 tokens: the short answer ends mid-block
+    samplings = [Sampling(0.9, max_new_tokens=2), Sampling(0.9, max_new_tokens=30)]
+    rows_per_forward: list[int] = []
+    hook = dlm.register_forward_pre_hook(lambda m, args: rows_per_forward.append(len(args[0])))
+    try:
+        short, long = BlockDecoder(dlm, eos, B).generate(prompts, samplings)
+    finally:
+        hook.remove()
+    assert len(short.tokens) == 2 and short.forwards < long.forwards
+    assert rows_per_forward.count(2) == short.forwards  # gone from the next forward on
+    alone = BlockDecoder(dlm, eos, B).generate(prompts[1:], samplings[1:])[0]
+    assert (long.tokens, long.forwards) == (alone.tokens, alone.forwards)
+
+
+def test_greedy_confidence_is_the_softmax_maximum():
+    logits = torch.randn(3, 5, 97, generator=torch.Generator().manual_seed(0)) * 4
+    expected, expected_tokens = logits.softmax(-1).max(-1)
+    tokens, confidence = choose(logits.clone(), [Sampling()] * 3, [None] * 3, [True] * 3)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(confidence, expected)
 
 
 def test_sampling_is_seeded_per_request(dlm, tiny_tokenizer):

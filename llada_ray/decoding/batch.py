@@ -17,6 +17,7 @@ from transformers import DynamicCache
 from llada_ray.decoding.sampling import Generation, Sampling
 from llada_ray.diffusion.masks import AttentionLayout, Tokens
 from llada_ray.model.adapter import DiffusionLM
+from llada_ray.model.attention import MaskedAttention
 
 PAD_DOC, REAL_DOC = -1, 0
 
@@ -49,6 +50,9 @@ class DecodeBatch:
         empty = torch.zeros((rows, 0), dtype=torch.long, device=self.device)
         self.context = (empty, empty, empty)  # ids, index, doc of tokens already committed
         self.pending = (empty, empty, empty)
+        # The attention of the last forward that left the context as it was (a block's steps
+        # after its first): the same queries and keys until the next commit or row selection.
+        self._reusable: tuple[tuple, MaskedAttention] | None = None
 
     def commit(self, ids: torch.Tensor, index: torch.Tensor, doc: torch.Tensor) -> None:
         """Clean tokens that become context with the next forward."""
@@ -73,29 +77,41 @@ class DecodeBatch:
         doc = torch.full_like(ids, REAL_DOC)
         ctx_ids, ctx_index, ctx_doc = self.context
         p_ids, p_index, p_doc = self.pending
-        clean_flags = torch.cat([torch.ones_like(p_ids), torch.full_like(ids, int(clean))], 1)
-        new = Tokens(torch.cat([p_index, index], 1), clean_flags.bool(), torch.cat([p_doc, doc], 1))
-        past = Tokens(ctx_index, torch.ones_like(ctx_ids, dtype=torch.bool), ctx_doc)
-        keys = past.cat(new)
+        changes_context = keep or p_ids.shape[1] > 0
+        key = (ids.shape, clean, block_size)
         if self.cache is None:  # recompute the whole committed context, clean and block-causal
-            queries, inputs = keys, torch.cat([ctx_ids, p_ids, ids], 1)
+            inputs = torch.cat([ctx_ids, p_ids, ids], 1)
         else:
-            queries, inputs = new, torch.cat([p_ids, ids], 1)
-        layout = AttentionLayout(queries, keys, block_size)
-        logits = self.dlm(inputs, layout, keys.index[:, -inputs.shape[1] :], cache=self.cache)
+            inputs = torch.cat([p_ids, ids], 1)
+        if self._reusable is not None and self._reusable[0] == key and not changes_context:
+            attention = self._reusable[1]
+        else:
+            clean_flags = torch.cat([torch.ones_like(p_ids), torch.full_like(ids, int(clean))], 1)
+            new = Tokens(
+                torch.cat([p_index, index], 1), clean_flags.bool(), torch.cat([p_doc, doc], 1)
+            )
+            past = Tokens(ctx_index, torch.ones_like(ctx_ids, dtype=torch.bool), ctx_doc)
+            keys = past.cat(new)
+            queries = keys if self.cache is None else new
+            attention = self.dlm.prepare(AttentionLayout(queries, keys, block_size))
+            self._reusable = None if changes_context else (key, attention)
+        positions = torch.cat([ctx_index, p_index, index], 1)[:, -inputs.shape[1] :]
+        logits = self.dlm(inputs, attention, positions, cache=self.cache)
         if self.cache is not None and not keep:
             self.cache.crop(-ids.shape[1])  # a negative count: tokens to drop from the end
-        joined = [self.pending, (ids, index, doc)] if keep else [self.pending]
-        self.context = tuple(
-            torch.cat([c, *(part[j] for part in joined)], 1) for j, c in enumerate(self.context)
-        )
-        self.pending = tuple(x[:, :0] for x in self.pending)
+        if changes_context:
+            joined = [self.pending, (ids, index, doc)] if keep else [self.pending]
+            self.context = tuple(
+                torch.cat([c, *(part[j] for part in joined)], 1) for j, c in enumerate(self.context)
+            )
+            self.pending = tuple(x[:, :0] for x in self.pending)
         return logits[:, -ids.shape[1] :]
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these working rows (indices into the current batch)."""
         self.context = tuple(x[rows] for x in self.context)
         self.pending = tuple(x[rows] for x in self.pending)
+        self._reusable = None
         if self.cache is not None:
             # Not cache.batch_select_indices: it skips layers holding no tokens yet (prompts
             # shorter than a block), which keep the old batch size.

@@ -40,17 +40,23 @@ class BlockDecoder(Decoder):
         """The last block is decoded whole, so the end rounds up to a block boundary."""
         return -(-(prompt_length + max_new_tokens) // self.block_size) * self.block_size
 
-    def _needed(
+    def _open(
         self, blocks: torch.Tensor, given: torch.Tensor, wanted: torch.Tensor
-    ) -> torch.Tensor:
-        """Positions whose token can still reach the output: before the request's token budget
-        runs out and up to its first generated EOS (the prompt's tail, `given` positions, may
-        hold EOS too: chat templates end turns with it). Accepted tokens are final, so a block
-        whose needed positions are all decided gives the output of one decoded to the end."""
-        position = torch.arange(blocks.shape[1], device=blocks.device)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(open [R, B], ends [R]): the masked positions whose token can still reach the output,
+        and whether the output ends inside this block.
+
+        A position reaches the output before the request's token budget runs out and up to its
+        first generated EOS (the prompt's tail, `given` positions, may hold EOS too: chat
+        templates end turns with it). Accepted tokens are final, so once no position is open
+        the request's part of the block is decided, and if its output ends here it is done.
+        """
+        B = blocks.shape[1]
+        position = torch.arange(B, device=blocks.device)
         generated_eos = (blocks == self.eos) & (position >= given[:, None])
-        eos_at = torch.where(generated_eos, position, blocks.shape[1]).min(-1).values
-        return position < torch.minimum(wanted, eos_at + 1)[:, None]
+        eos_at = torch.where(generated_eos, position, B).min(-1).values
+        end = torch.minimum(wanted, eos_at + 1)
+        return (blocks == self.mask) & (position < end[:, None]), (eos_at < B) | (wanted <= B)
 
     @torch.no_grad()
     def stream(
@@ -60,7 +66,12 @@ class BlockDecoder(Decoder):
         seeds: list[int | None] | None = None,
         stop: StopCheck | None = None,
     ) -> Iterator[list[Generation]]:
-        """Yields every request's Generation (growing in place) after each decoded block."""
+        """Yields every request's Generation (growing in place) after each decoded block.
+
+        Only open positions (see `_open`) are accepted, by threshold or forced, so every forward
+        decides a token of the output. A request whose output is complete leaves the batch before
+        the next forward; the others finish the block.
+        """
         started = time.perf_counter()
         samplings, generators, out = self._start(prompts, sampling, seeds)
         B, R = self.block_size, len(prompts)
@@ -75,16 +86,38 @@ class BlockDecoder(Decoder):
         block_start = torch.tensor(starts, device=device)
         alive = list(range(R))  # working row → request
 
+        def given_of(r: int, w: int) -> int:
+            return max(0, len(prompts[r]) - int(block_start[w]))
+
+        def keep_rows(keep: list[int]) -> None:
+            nonlocal blocks, block_start, alive
+            rows = torch.tensor(keep, dtype=torch.long, device=device)
+            batch.select(rows)
+            blocks, block_start = blocks[rows], block_start[rows]
+            alive = [alive[w] for w in keep]
+
         while alive:
             index = block_start[:, None] + torch.arange(B, device=device)
-            thresholds = torch.tensor([samplings[r].threshold for r in alive], device=device)
-            given = torch.tensor([len(prompts[r]) for r in alive], device=device) - block_start
-            given = given.clamp(min=0)
+            given = torch.tensor([given_of(r, w) for w, r in enumerate(alive)], device=device)
             wanted = given + torch.tensor(
                 [samplings[r].max_new_tokens - len(out[r].tokens) for r in alive], device=device
             )
-            while (masked := blocks == self.mask).any():
-                running = (masked & self._needed(blocks, given, wanted)).any(-1)
+            thresholds = torch.tensor([samplings[r].threshold for r in alive], device=device)
+            while True:
+                open_, ends = self._open(blocks, given, wanted)
+                running = open_.any(-1)
+                if (done := ~running & ends).any():  # complete: leave before the next forward
+                    now = time.perf_counter() - started
+                    for w in done.nonzero().flatten().tolist():
+                        r = alive[w]
+                        self._extend(out[r], blocks[w, given_of(r, w) :].tolist(), samplings[r],
+                                     None, now)  # fmt: skip
+                    keep = (~done).nonzero().flatten()
+                    keep_rows(keep.tolist())
+                    index, given, wanted, thresholds = (
+                        x[keep] for x in (index, given, wanted, thresholds)
+                    )
+                    open_, running = open_[keep], running[keep]
                 if not running.any():
                     break
                 active = running.tolist()
@@ -93,29 +126,28 @@ class BlockDecoder(Decoder):
                 candidates, confidence = choose(
                     logits, [samplings[r] for r in alive], [generators[r] for r in alive], active
                 )
-                confidence = confidence.masked_fill(~masked, -1.0)
-                accept = (confidence > thresholds[:, None]) & masked & running[:, None]
+                confidence = confidence.masked_fill(~open_, -1.0)
+                accept = (confidence > thresholds[:, None]) & open_
                 for w, r in enumerate(alive):
                     if not active[w]:
                         continue
                     out[r].forwards += 1
-                    need = min(samplings[r].min_accept, int(masked[w].sum()))
+                    need = min(samplings[r].min_accept, int(open_[w].sum()))
                     if int(accept[w].sum()) < need:
                         accept[w, confidence[w].topk(need).indices] = True
                 blocks = torch.where(accept, candidates, blocks)
 
             now = time.perf_counter() - started
             for w, r in enumerate(alive):
-                given = max(0, len(prompts[r]) - int(block_start[w]))
                 check = None if stop is None else (lambda r=r: stop(r, out[r].tokens))
-                self._extend(out[r], blocks[w, given:].tolist(), samplings[r], check, now)
+                self._extend(out[r], blocks[w, given_of(r, w) :].tolist(), samplings[r], check, now)
             yield out
             keep = [w for w, r in enumerate(alive) if not out[r].done]
             if len(keep) < len(alive):
-                rows = torch.tensor(keep, dtype=torch.long, device=device)
-                batch.select(rows)
-                blocks, index, block_start = blocks[rows], index[rows], block_start[rows]
-                alive = [alive[w] for w in keep]
+                index = index[keep]
+                keep_rows(keep)
+            if not alive:
+                break
             batch.commit(blocks, index, torch.full_like(blocks, REAL_DOC))
             block_start = block_start + B
             blocks = torch.full_like(blocks, self.mask)

@@ -72,15 +72,21 @@ def choose(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate token and its probability at every position: logits [R, n, V] → [R, n] each.
 
-    Greedy rows take the argmax of the softmax. Sampling rows draw from their own generator, and
-    only while `active` (they still have something to decide), so a request's draws depend on
-    nothing but its seed and its own steps, never on the other requests of its batch.
+    Consumes `logits` (overwritten). Greedy rows take the argmax, whose probability is
+    1 / Σ exp(l − max): computed in place, with no softmax copy of the [R, n, V] logits.
+    Sampling rows draw from their own generator, and only while `active` (they still have
+    something to decide), so a request's draws depend on nothing but its seed and its own steps,
+    never on the other requests of its batch.
     """
-    logits = logits.float()
-    confidence, tokens = logits.softmax(-1).max(-1)
-    for r, s in enumerate(samplings):
+    logits = logits.float()  # a no-op for float32 logits
+    drawn = {}
+    for r, s in enumerate(samplings):  # first: they read the logits before they are overwritten
         if s.temperature > 0 and active[r]:
             probs = filtered(logits[r], s).softmax(-1)
-            tokens[r] = torch.multinomial(probs, 1, generator=generators[r]).squeeze(-1)
-            confidence[r] = probs.gather(-1, tokens[r, :, None]).squeeze(-1)
+            token = torch.multinomial(probs, 1, generator=generators[r])
+            drawn[r] = (token.squeeze(-1), probs.gather(-1, token).squeeze(-1))
+    top, tokens = logits.max(-1)
+    confidence = logits.sub_(top[..., None]).exp_().sum(-1).reciprocal_()
+    for r, (token, p) in drawn.items():
+        tokens[r], confidence[r] = token, p
     return tokens, confidence

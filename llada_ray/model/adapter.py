@@ -61,10 +61,16 @@ class DiffusionLM(nn.Module):
         self.attention = attention
         self.tile_size = tile_size
 
+    def prepare(self, layout: AttentionLayout) -> MaskedAttention:
+        """The layout's mask built for this model's backend and device: a decoder reuses it for
+        every step of a block, whose queries and keys do not change."""
+        device = self.hf.get_input_embeddings().weight.device
+        return MaskedAttention(layout, resolve_backend(self.attention, device), self.tile_size)
+
     def forward(
         self,
         input_ids: torch.Tensor,
-        layout: AttentionLayout,
+        layout: AttentionLayout | MaskedAttention,
         position_ids: torch.Tensor,
         logits_for: int | None = None,
         embed_noise_std: float = 0.0,
@@ -75,14 +81,13 @@ class DiffusionLM(nn.Module):
         `embed_noise_std` > 0 adds N(0, σ²) to the embedding output at mask-token positions
         (early-CPT stability: the AR model never trained the mask token's embedding).
         With a `cache` (decoding) the inputs' keys and values are appended to it and the layout's
-        keys are the cached tokens followed by the inputs.
+        keys are the cached tokens followed by the inputs. `layout` may come `prepare`d.
         """
         embeds = self.hf.get_input_embeddings()(input_ids)
         if embed_noise_std > 0:
             at_mask = (input_ids == self.mask_token_id).unsqueeze(-1)
             embeds = embeds + embed_noise_std * torch.randn_like(embeds) * at_mask
-        backend = resolve_backend(self.attention, input_ids.device)
-        runner = MaskedAttention(layout, backend, self.tile_size)
+        runner = layout if isinstance(layout, MaskedAttention) else self.prepare(layout)
         hidden = self.hf.base_model(
             inputs_embeds=embeds,
             position_ids=position_ids,
