@@ -32,14 +32,13 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from llada_ray import local_stack as stack
 from llada_ray.config import PipelineConfig
 from llada_ray.train import checkpoint
 from llada_ray.train.plan import find_unit
 from llada_ray.train.run import output_of, pipeline_root, run_path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from tests import stack  # noqa: E402  (the fake cluster the tests use)
 
 WORKERS = (1, 2, 4)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import yaml
 from ray.job_submission import JobSubmissionClient
 
+from llada_ray import local_stack as stack
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from tests import stack  # noqa: E402  (the loopback services the tests use)
 
 
 def _say(started: float, text: str) -> None:
