@@ -80,7 +80,7 @@ def test_sft_rows_mask_only_the_response(tiny_tokenizer, block: int) -> None:
     assert len(row.input_ids) % block == 0
     prompt = tiny_tokenizer.decode(row.input_ids[: row.prompt_len])
     response = tiny_tokenizer.decode(row.input_ids[row.prompt_len :])
-    assert prompt.endswith("assistant\n") and "4" in prompt  # earlier turns are prompt
+    assert prompt.endswith("<|assistant|>") and "4" in prompt  # earlier turns are prompt
     assert response.startswith("6") and response.endswith(tiny_tokenizer.eos_token)
     assert row.input_ids[-1] == tiny_tokenizer.eos_token_id
 

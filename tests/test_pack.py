@@ -11,6 +11,8 @@ import pyarrow.fs as pafs
 import pytest
 
 from llada_ray.config import PipelineConfig
+from llada_ray.data import tasks
+from llada_ray.data.chat import prompt_ids
 from llada_ray.data.corpus import prepare_tokenizer
 from llada_ray.data.documents import BadRowError, document_key
 from llada_ray.data.pack import build_chat_rows, pack_pretraining, read_packed
@@ -209,3 +211,41 @@ def test_sft_rows_from_tasks_and_chat_file(ray_cluster, tmp_path: Path, tiny_tok
         for side in ("chosen_ids", "rejected_ids"):
             assert (len(pair["prompt_ids"]) + len(pair[side])) % 16 == 0
         assert list(pair["chosen_ids"]) != list(pair["rejected_ids"])
+
+
+def test_chat_task_documents_pack_whole_with_their_completion(
+    ray_cluster, tmp_path: Path, tiny_tokenizer
+) -> None:
+    """Task documents rendered with the chat template, packed without splitting: every document
+    lies whole in one row, its tokens are the template's prompt then the answer and EOS, and the
+    completion column marks exactly the answer and EOS."""
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    cfg = PipelineConfig.model_validate(
+        {
+            "name": "chattest",
+            "tokenizer": {"source": str(tmp_path / "tok")},
+            "data": {
+                "seq_len": SEQ_LEN,
+                "split_documents": False,
+                "pretrain": [{"type": "task", "examples": 300, "format": "chat"}],
+            },
+            "stages": [{"stage": "ar_pretrain", "tokens": 1000}],
+            "storage": {"root": str(tmp_path / "runs")},
+        }
+    )
+    fs, root = storage_root(cfg.storage)
+    tok_path = prepare_tokenizer(cfg, fs, f"{root}/chattest")
+    rows = packed_rows(pack_pretraining(cfg, fs, f"{root}/chattest", tok_path), fs)
+    keys = [int(k) for r in rows for k in r["segment_keys"]]
+    assert len(keys) == len(set(keys)) == 300  # no document cut across rows
+    assert len(rows) > 300 * 20 // SEQ_LEN  # rows end in padding rather than cut a document
+    eos = tiny_tokenizer.eos_token_id
+    for r in rows:
+        ids, docs, completion = (np.asarray(r[c]) for c in ("input_ids", "doc_ids", "completion"))
+        for seg, key in enumerate(r["segment_keys"]):
+            ex = tasks.example(0, int(key) & 0xFFFFFFFF, cfg.data.task)
+            prompt = prompt_ids(tiny_tokenizer, [{"role": "user", "content": ex.prompt}])
+            answer = [*tiny_tokenizer(ex.answer, add_special_tokens=False)["input_ids"], eos]
+            assert ids[docs == seg].tolist() == prompt + answer
+            assert completion[docs == seg].tolist() == [False] * len(prompt) + [True] * len(answer)
+        assert not completion[docs == len(r["segment_keys"])].any()  # padding

@@ -21,7 +21,14 @@ import ray
 import ray.data
 from tokenizers import Tokenizer
 
-from llada_ray.config import DataSource, FileSource, PipelineConfig, StorageConfig, TaskSource
+from llada_ray.config import (
+    DataSource,
+    FileSource,
+    PipelineConfig,
+    StorageConfig,
+    TaskConfig,
+    TaskSource,
+)
 from llada_ray.data import tasks
 from llada_ray.data.documents import BadRowError, document_key, parse_file
 from llada_ray.storage import filesystem_for
@@ -77,26 +84,53 @@ RECORD_SCHEMA = pa.schema(
         ("text", pa.large_string()),
         ("error", pa.string()),
         ("where", pa.string()),
+        ("prompt_chars", pa.int32()),  # leading characters that are context, not completion
     ]
 )
 TASK_EXAMPLES_PER_UNIT = 2048
 
 
-def _task_records(source: TaskSource, index: int, start: int, stop: int, kind: str) -> list[dict]:
-    render = {
-        "pretrain": tasks.pretraining_text,
-        "sft": lambda ex: json.dumps(tasks.chat(ex)),
-        "dpo": lambda ex: json.dumps(tasks.preference(ex)),
-    }[kind]
-    return [
-        {
-            "key": document_key(index, 0, i),
-            "text": render(tasks.example(source.seed, i)),
-            "error": None,
-            "where": f"task seed {source.seed} example {i}",
-        }
-        for i in range(start, stop)
-    ]
+def _task_records(
+    source: TaskSource,
+    settings: TaskConfig,
+    index: int,
+    start: int,
+    stop: int,
+    kind: str,
+    tokenizer: PreTrainedTokenizerBase | None,
+) -> list[dict]:
+    records = []
+    for i in range(start, stop):
+        ex = tasks.example(source.seed, i, settings)
+        prompt_chars = 0
+        if kind == "pretrain":
+            text, prompt_chars = pretraining_document(ex, tokenizer, source.format)
+        else:
+            text = json.dumps(tasks.chat(ex) if kind == "sft" else tasks.preference(ex))
+        records.append(
+            {
+                "key": document_key(index, 0, i),
+                "text": text,
+                "error": None,
+                "where": f"task seed {source.seed} example {i}",
+                "prompt_chars": prompt_chars,
+            }
+        )
+    return records
+
+
+def pretraining_document(
+    ex: tasks.Example, tokenizer: PreTrainedTokenizerBase | None, fmt: str
+) -> tuple[str, int]:
+    """(text, prompt characters) of a task example as a pre-training document: `prompt answer`,
+    or the chat template's rendering of the question with the answer after it (packing appends
+    EOS, as the template ends a turn). The prompt is context for a completion-only loss."""
+    if fmt == "text":
+        return tasks.pretraining_text(ex), len(ex.prompt)
+    assert tokenizer is not None, "chat-format task documents need the run's tokenizer"
+    messages = [{"role": "user", "content": ex.prompt}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return prompt + ex.answer, len(prompt)
 
 
 def _parse_units(
@@ -104,9 +138,11 @@ def _parse_units(
     *,
     sources: list[DataSource],
     filesystems: dict[int, pafs.FileSystem],
+    task: TaskConfig,
     kind: str,
     max_chars: int,
     fail: bool,
+    tokenizer: PreTrainedTokenizerBase | None,
 ) -> pa.Table:
     """Records of a batch of work units: files to parse, or ranges of task examples."""
     records: list[dict] = []
@@ -115,7 +151,9 @@ def _parse_units(
     ):
         source = sources[int(index)]
         if isinstance(source, TaskSource):
-            records += _task_records(source, int(index), int(start), int(stop), kind)
+            records += _task_records(
+                source, task, int(index), int(start), int(stop), kind, tokenizer
+            )
         else:
             records += _parse_one(
                 filesystems[int(index)], str(path), source, int(index), int(file), max_chars
@@ -128,14 +166,17 @@ def _parse_units(
 
 
 def read_records(
-    sources: list[DataSource], cfg: PipelineConfig, kind: str = "pretrain"
+    sources: list[DataSource],
+    cfg: PipelineConfig,
+    kind: str = "pretrain",
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> ray.data.Dataset:
-    """One Dataset of {key, text, error, where} over all sources, in source order.
+    """One Dataset of {key, text, error, where, prompt_chars} over all sources, in source order.
 
     All sources become one list of work units (a file, or a range of task examples) read by a
     single map, which Ray Data fuses into the consuming actor: no read task ever waits for a CPU
     that the actor pool holds. For `kind` sft / dpo, `text` is each sample's JSON (files are
-    read as JSON lines).
+    read as JSON lines). `tokenizer` renders chat-format task documents.
     """
     units: list[dict] = []
     filesystems: dict[int, pafs.FileSystem] = {}
@@ -165,9 +206,11 @@ def read_records(
         fn_kwargs={
             "sources": as_read,
             "filesystems": filesystems,
+            "task": cfg.data.task,
             "kind": kind,
             "max_chars": cfg.data.max_document_chars,
             "fail": cfg.data.bad_rows == "fail",
+            "tokenizer": tokenizer,
         },
         batch_size=UNITS_PER_BATCH,
         batch_format="numpy",
@@ -180,7 +223,7 @@ def iter_texts(sources: list[DataSource], cfg: PipelineConfig, max_chars: int) -
     for index, source in enumerate(sources):
         if isinstance(source, TaskSource):
             texts = (
-                tasks.pretraining_text(tasks.example(source.seed, i))
+                tasks.pretraining_text(tasks.example(source.seed, i, cfg.data.task))
                 for i in range(source.examples)
             )
         else:
@@ -284,8 +327,16 @@ class Encoder:
     eos_id: int
     pad_id: int
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+    def encode(self, texts: list[str], prompt_chars: list[int]) -> list[tuple[list[int], int]]:
+        """Token ids of each text and how many of them start inside its prompt (its first
+        `prompt_chars` characters; the character offsets are the tokenizer's own)."""
+        out = []
+        for e, chars in zip(
+            self.tokenizer.encode_batch(texts, add_special_tokens=False), prompt_chars, strict=True
+        ):
+            n_prompt = sum(start < chars for start, _ in e.offsets)
+            out.append((e.ids, n_prompt))
+        return out
 
 
 def load_encoder(fs: pafs.FileSystem, path: str) -> Encoder:

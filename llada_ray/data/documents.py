@@ -30,7 +30,7 @@ def document_key(source: int, file: int, row: int) -> int:
 
 
 def _record(key: int, text: str | None, error: Reason | None, where: str) -> dict:
-    return {"key": key, "text": text, "error": error, "where": where}
+    return {"key": key, "text": text, "error": error, "where": where, "prompt_chars": 0}
 
 
 def _check_text(text: object, max_chars: int) -> Reason | None:

@@ -43,7 +43,7 @@ from llada_ray.data.corpus import (
 from llada_ray.data.documents import BadRowError
 from llada_ray.data.packing import Piece, Rows, pack
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the completion column
 DOCUMENTS_PER_PACK_BATCH = 4096
 ROW_SCHEMA = pa.schema(
     [
@@ -51,13 +51,15 @@ ROW_SCHEMA = pa.schema(
         ("doc_ids", pa.list_(pa.int32())),
         ("segment_keys", pa.list_(pa.int64())),
         ("segment_offsets", pa.list_(pa.int64())),
+        ("completion", pa.list_(pa.bool_())),
         ("num_tokens", pa.int32()),
     ]
 )
 
 
 class Tokenize:
-    """Actor: loads the tokenizer once, encodes batches of documents, appends EOS to each."""
+    """Actor: loads the tokenizer once, encodes batches of documents, appends EOS to each, and
+    counts the tokens of each document's prompt (its first `prompt_chars` characters)."""
 
     def __init__(self, fs: pafs.FileSystem, tokenizer_path: str) -> None:
         # One actor per CPU: the tokenizer's own thread pool would oversubscribe. (A pool of
@@ -67,32 +69,41 @@ class Tokenize:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         errors = batch.column("error").to_pylist()
-        texts = [t for t, e in zip(batch.column("text").to_pylist(), errors, strict=True) if not e]
-        encoded = iter(self.encoder.encode(texts))
+        good = [i for i, e in enumerate(errors) if not e]
+        texts, prompts = batch.column("text").to_pylist(), batch.column("prompt_chars")
+        encoded = iter(
+            self.encoder.encode([texts[i] for i in good], [prompts[i].as_py() for i in good])
+        )
         eos = self.encoder.eos_id
-        tokens = [[] if e else [*next(encoded), eos] for e in errors]
+        tokens, prompt_tokens = [], []
+        for e in errors:
+            ids, n_prompt = ([], 0) if e else next(encoded)
+            tokens.append(ids if e else [*ids, eos])
+            prompt_tokens.append(n_prompt)
         return pa.table(
             {
                 "key": batch.column("key"),
                 "tokens": pa.array(tokens, type=pa.list_(pa.int32())),
+                "prompt_tokens": pa.array(prompt_tokens, type=pa.int32()),
                 "error": batch.column("error"),
             }
         )
 
 
-def _pack_batch(batch: pa.Table, *, seq_len: int) -> pa.Table:
+def _pack_batch(batch: pa.Table, *, seq_len: int, pad_id: int, split_documents: bool) -> pa.Table:
     """This batch's full rows, then one tail row (complete = False): the batch's remainder
     (possibly empty) and, as JSON in `stats`, what the batch held (documents, tokens, bad rows).
     The driver reads only the tail rows: remainders and counts in one small pass."""
     errors = batch.column("error").to_pylist()
     keys, tokens = batch.column("key").to_pylist(), batch.column("tokens")
-    pieces = [
-        Piece(keys[i], 0, tokens[i].values.to_numpy(zero_copy_only=False))
-        for i, e in enumerate(errors)
-        if not e
-    ]
-    rows, rest = pack(pieces, seq_len, pad_id=None)
-    tail, _ = pack(rest, max(sum(len(p.tokens) for p in rest), 1), pad_id=None)
+    prompts = batch.column("prompt_tokens").to_pylist()
+    pieces = []
+    for i, e in enumerate(errors):
+        if not e:
+            ids = tokens[i].values.to_numpy(zero_copy_only=False)
+            pieces.append(Piece(keys[i], 0, ids, np.arange(len(ids)) >= prompts[i]))
+    rows, rest = pack(pieces, seq_len, pad_id, carry=True, split_documents=split_documents)
+    tail, _ = pack(rest, max(sum(len(p.tokens) for p in rest), 1), pad_id, carry=True)
     bad = Counter(e for e in errors if e)
     stats = {"documents": len(pieces), "tokens": sum(len(p.tokens) for p in pieces), "bad": bad}
     return pa.concat_tables(
@@ -119,6 +130,7 @@ def _rows_table(rows: Rows, complete: bool, stats: str | None = None) -> pa.Tabl
                     "doc_ids": [],
                     "segment_keys": [],
                     "segment_offsets": [],
+                    "completion": [],
                     "num_tokens": 0,
                 }
             ],
@@ -131,8 +143,9 @@ def _rows_table(rows: Rows, complete: bool, stats: str | None = None) -> pa.Tabl
 
 def _pieces_of(fragment: dict) -> list[Piece]:
     ids, docs = np.asarray(fragment["input_ids"]), np.asarray(fragment["doc_ids"])
+    completion = np.asarray(fragment["completion"], dtype=bool)
     return [
-        Piece(int(key), int(offset), ids[docs == seg])
+        Piece(int(key), int(offset), ids[docs == seg], completion[docs == seg])
         for seg, (key, offset) in enumerate(
             zip(fragment["segment_keys"], fragment["segment_offsets"], strict=True)
         )
@@ -210,8 +223,10 @@ def pack_pretraining(
         "format": FORMAT_VERSION,
         "kind": "pretrain",
         "sources": source_digest(cfg.data.pretrain, cfg.storage),
+        "task": cfg.data.task.model_dump(mode="json"),
         "tokenizer": tokenizer_digest(fs, tokenizer_path),
         "seq_len": cfg.data.seq_len,
+        "split_documents": cfg.data.split_documents,
         "max_document_chars": cfg.data.max_document_chars,
     }
     manifest = _read_manifest(fs, path)
@@ -219,12 +234,14 @@ def pack_pretraining(
         return Packed(path, manifest, reused=True)
     _fresh(fs, path)
     encoder = load_encoder(fs, tokenizer_path)
+    chat = any(getattr(s, "format", "text") == "chat" for s in cfg.data.pretrain)
+    tokenizer = load_tokenizer(fs, tokenizer_path) if chat else None
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the same corpus always packs the same rows
     with _bad_row_errors():
         packed = (
-            read_records(cfg.data.pretrain, cfg)
+            read_records(cfg.data.pretrain, cfg, tokenizer=tokenizer)
             .map_batches(
                 Tokenize,
                 fn_constructor_args=(fs, tokenizer_path),
@@ -234,7 +251,11 @@ def pack_pretraining(
             )
             .map_batches(
                 _pack_batch,
-                fn_kwargs={"seq_len": cfg.data.seq_len},
+                fn_kwargs={
+                    "seq_len": cfg.data.seq_len,
+                    "pad_id": encoder.pad_id,
+                    "split_documents": cfg.data.split_documents,
+                },
                 batch_size=DOCUMENTS_PER_PACK_BATCH,
                 batch_format="pyarrow",
             )
@@ -245,7 +266,9 @@ def pack_pretraining(
     bad_rows = sum((Counter(s["bad"]) for s in stats), Counter())
     tokens = sum(s["tokens"] for s in stats)
     pieces = [p for tail in tails for p in _pieces_of(tail)]
-    last_rows, _ = pack(pieces, cfg.data.seq_len, pad_id=encoder.pad_id)
+    last_rows, _ = pack(
+        pieces, cfg.data.seq_len, encoder.pad_id, split_documents=cfg.data.split_documents
+    )
     full = packed.filter(expr=col("complete") == True)  # noqa: E712
     if len(last_rows):
         full = full.union(ray.data.from_arrow(_rows_table(last_rows, complete=True)))
@@ -327,6 +350,7 @@ def build_chat_rows(
         "format": FORMAT_VERSION,
         "kind": kind,
         "sources": source_digest(sources, cfg.storage),
+        "task": cfg.data.task.model_dump(mode="json"),
         "tokenizer": tokenizer_digest(fs, tokenizer_path),
         "block_size": block_size,
         "max_len": max_len,

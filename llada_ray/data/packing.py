@@ -10,6 +10,8 @@ Row columns:
   doc_ids          [seq_len] int32  segment index within the row; padding is a segment of its own
   segment_keys     [n_segments] int64  document key of each non-padding segment
   segment_offsets  [n_segments] int64  where the segment starts inside its document
+  completion       [seq_len] bool   tokens after their document's prompt (prompt/completion
+                                    documents; every token of a plain one); False on padding
   num_tokens       int32  tokens before the padding (== seq_len except in the last row)
 """
 
@@ -23,11 +25,18 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Piece:
-    """A document or a part of one: tokens starting at `offset` of document `key`."""
+    """A document or a part of one: tokens starting at `offset` of document `key`, and which of
+    them are completion (not prompt); None: all of them."""
 
     key: int
     offset: int
     tokens: np.ndarray
+    completion: np.ndarray | None = None
+
+    def completion_mask(self) -> np.ndarray:
+        if self.completion is None:
+            return np.ones(len(self.tokens), dtype=bool)
+        return self.completion
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,7 @@ class Rows:
     doc_ids: np.ndarray  # [rows, seq_len]
     segment_keys: list[np.ndarray]
     segment_offsets: list[np.ndarray]
+    completion: np.ndarray  # [rows, seq_len] bool
     num_tokens: np.ndarray  # [rows]
 
     def __len__(self) -> int:
@@ -49,36 +59,55 @@ class Rows:
             "doc_ids": list(self.doc_ids),
             "segment_keys": self.segment_keys,
             "segment_offsets": self.segment_offsets,
+            "completion": list(self.completion),
             "num_tokens": self.num_tokens,
         }
 
 
-def pack(pieces: Iterable[Piece], seq_len: int, pad_id: int | None) -> tuple[Rows, list[Piece]]:
+FILLER = -1  # the key of padding that ends a row early (whole-document packing)
+
+
+def pack(
+    pieces: Iterable[Piece],
+    seq_len: int,
+    pad_id: int,
+    *,
+    carry: bool = False,
+    split_documents: bool = True,
+) -> tuple[Rows, list[Piece]]:
     """Cut the concatenation of `pieces` into rows of `seq_len`.
 
-    With `pad_id` None the tail that does not fill a row is returned as pieces (to be carried into
-    a later call); otherwise it is padded into a last row and the returned tail is empty.
+    With `carry` the tail that does not fill a row is returned as pieces (to be carried into a
+    later call); otherwise it is padded into a last row and the returned tail is empty. Without
+    `split_documents`, a document that does not fit in what is left of a row starts the next one
+    (the row ends in padding); only documents longer than a row are cut.
     """
     pieces = [p for p in pieces if len(p.tokens)]
+    if not split_documents:
+        pieces = _whole(pieces, seq_len, pad_id)
     if not pieces:
         return _empty_rows(seq_len), []
     lengths = np.array([len(p.tokens) for p in pieces])
     flat = np.concatenate([p.tokens for p in pieces]).astype(np.int32)
+    flat_completion = np.concatenate([p.completion_mask() for p in pieces])
     piece_of_token = np.repeat(np.arange(len(pieces)), lengths)
+    fillers = np.array([p.key == FILLER for p in pieces])
     piece_start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     offsets = np.array([p.offset for p in pieces])
     keys = np.array([p.key for p in pieces], dtype=np.int64)
 
     n_full = len(flat) // seq_len
     tail = len(flat) - n_full * seq_len
-    if tail and pad_id is None:
+    if tail and carry:
         cut = n_full * seq_len
         first = piece_of_token[cut]
+        end = piece_start[first] + lengths[first]
         rest = [
             Piece(
                 int(keys[first]),
                 int(offsets[first] + cut - piece_start[first]),
-                flat[cut : piece_start[first] + lengths[first]],
+                flat[cut:end],
+                flat_completion[cut:end],
             )
         ]
         rest += pieces[first + 1 :]
@@ -86,11 +115,13 @@ def pack(pieces: Iterable[Piece], seq_len: int, pad_id: int | None) -> tuple[Row
     else:
         rest, n_rows = [], n_full + (1 if tail else 0)
 
-    input_ids = np.full((n_rows, seq_len), pad_id if pad_id is not None else 0, dtype=np.int32)
+    input_ids = np.full((n_rows, seq_len), pad_id, dtype=np.int32)
     owner = np.full((n_rows, seq_len), -1, dtype=np.int64)
+    completion = np.zeros((n_rows, seq_len), dtype=bool)
     used = min(len(flat), n_rows * seq_len)
     input_ids.reshape(-1)[:used] = flat[:used]
-    owner.reshape(-1)[:used] = piece_of_token[:used]
+    completion.reshape(-1)[:used] = flat_completion[:used]
+    owner.reshape(-1)[:used] = np.where(fillers[piece_of_token], -1, piece_of_token)[:used]
 
     doc_ids = np.empty((n_rows, seq_len), dtype=np.int32)
     segment_keys, segment_offsets, num_tokens = [], [], np.empty(n_rows, dtype=np.int32)
@@ -107,12 +138,30 @@ def pack(pieces: Iterable[Piece], seq_len: int, pad_id: int | None) -> tuple[Row
         segment_keys.append(keys[segs])
         segment_offsets.append(seg_offsets)
         num_tokens[r] = n
-    return Rows(input_ids, doc_ids, segment_keys, segment_offsets, num_tokens), rest
+    return Rows(input_ids, doc_ids, segment_keys, segment_offsets, completion, num_tokens), rest
+
+
+def _whole(pieces: list[Piece], seq_len: int, pad_id: int) -> list[Piece]:
+    """The pieces with padding fillers before each document that would straddle a row boundary
+    (the first piece starts a row: a carried tail always does)."""
+    out: list[Piece] = []
+    used = 0  # tokens in the current row
+    for p in pieces:
+        n = len(p.tokens)
+        if used and used + n > seq_len and n <= seq_len:
+            gap = seq_len - used
+            out.append(Piece(FILLER, 0, np.full(gap, pad_id, np.int32), np.zeros(gap, bool)))
+            used = 0
+        out.append(p)
+        used = (used + n) % seq_len
+    return out
 
 
 def _empty_rows(seq_len: int) -> Rows:
     empty = np.empty((0, seq_len), dtype=np.int32)
-    return Rows(empty, empty.copy(), [], [], np.empty(0, dtype=np.int32))
+    return Rows(
+        empty, empty.copy(), [], [], np.empty((0, seq_len), bool), np.empty(0, dtype=np.int32)
+    )
 
 
 def unpack(rows: Iterable[dict]) -> dict[int, np.ndarray]:

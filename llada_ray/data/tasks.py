@@ -1,8 +1,9 @@
 """The built-in verifiable task family: generated instructions whose answers can be graded exactly.
 
 Used by the embedded default, the tests and the benchmarks as pre-training text, SFT chats and
-DPO pairs (chosen = correct, rejected = a plausible wrong answer). Example i of a seed is a pure
-function of (seed, i), so any worker can generate any slice of the data set.
+DPO pairs (chosen = correct, rejected = a plausible wrong answer). Its difficulty is config
+(`data.task`). Example i of a seed is a pure function of (seed, i, settings), so any worker can
+generate any slice of the data set.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import string
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from llada_ray.config import TaskConfig
+
+DEFAULT = TaskConfig()
+
 
 @dataclass(frozen=True)
 class Example:
@@ -22,16 +27,23 @@ class Example:
     wrong: str  # plausible but incorrect: the rejected side of a DPO pair
 
 
-def _addition(rng: random.Random) -> Example:
-    digits = rng.randint(2, 4)
-    a, b = (rng.randint(10 ** (digits - 1), 10**digits - 1) for _ in range(2))
+def _between(rng: random.Random, bounds: tuple[int, int]) -> int:
+    return rng.randint(*bounds)
+
+
+def _addition(rng: random.Random, cfg: TaskConfig) -> Example:
+    def number() -> int:
+        digits = _between(rng, cfg.add_digits)
+        return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+
+    a, b = number(), number()
     total = a + b
-    wrong = total + rng.choice([-10, -1, 1, 10])  # a carry slip
-    return Example("add", f"Add: {a} + {b} =", str(total), str(wrong))
+    slip = rng.choice([d for d in (-10, -1, 1, 10) if total + d >= 0])  # a carry slip
+    return Example("add", f"Add: {a} + {b} =", str(total), str(total + slip))
 
 
-def _sort(rng: random.Random) -> Example:
-    values = [rng.randint(0, 99) for _ in range(rng.randint(3, 6))]
+def _sort(rng: random.Random, cfg: TaskConfig) -> Example:
+    values = [rng.randint(0, cfg.sort_max) for _ in range(_between(rng, cfg.sort_count))]
     ordered = sorted(values)
     wrong = list(ordered)
     i = rng.randrange(len(wrong) - 1)
@@ -47,14 +59,15 @@ def _sort(rng: random.Random) -> Example:
     )
 
 
-def _word(rng: random.Random) -> str:
-    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(4, 8)))
+def _word(rng: random.Random, cfg: TaskConfig) -> str:
+    length = _between(rng, cfg.word_length)
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(length))
 
 
-def _reverse(rng: random.Random) -> Example:
-    word = _word(rng)
+def _reverse(rng: random.Random, cfg: TaskConfig) -> Example:
+    word = _word(rng, cfg)
     while word == word[::-1]:
-        word = _word(rng)
+        word = _word(rng, cfg)
     # Reversing all but the first letter: a typical near miss.
     wrong = word[0] + word[:0:-1]
     if wrong == word[::-1]:
@@ -62,14 +75,14 @@ def _reverse(rng: random.Random) -> Example:
     return Example("reverse", f"Reverse: {word}", word[::-1], wrong)
 
 
-def _upper(rng: random.Random) -> Example:
-    words = [_word(rng) for _ in range(rng.randint(1, 3))]
+def _upper(rng: random.Random, cfg: TaskConfig) -> Example:
+    words = [_word(rng, cfg) for _ in range(_between(rng, cfg.upper_words))]
     text = " ".join(words)
     wrong = " ".join([words[0].upper(), *words[1:]]) if len(words) > 1 else text.capitalize()
     return Example("upper", f"Copy in upper case: {text}", text.upper(), wrong)
 
 
-TASKS: dict[str, Callable[[random.Random], Example]] = {
+TASKS: dict[str, Callable[[random.Random, TaskConfig], Example]] = {
     "add": _addition,
     "sort": _sort,
     "reverse": _reverse,
@@ -77,13 +90,26 @@ TASKS: dict[str, Callable[[random.Random], Example]] = {
 }
 
 
-def example(seed: int, index: int) -> Example:
+def example(seed: int, index: int, cfg: TaskConfig = DEFAULT) -> Example:
     rng = random.Random(f"{seed}:{index}")
-    return TASKS[rng.choice(sorted(TASKS))](rng)
+    return TASKS[rng.choice(sorted(cfg.kinds))](rng, cfg)
 
 
-def examples(seed: int, start: int, stop: int) -> list[Example]:
-    return [example(seed, i) for i in range(start, stop)]
+def examples(seed: int, start: int, stop: int, cfg: TaskConfig = DEFAULT) -> list[Example]:
+    return [example(seed, i, cfg) for i in range(start, stop)]
+
+
+def describe(cfg: TaskConfig) -> str:
+    """The settings in one line, printed beside every accuracy."""
+
+    def span(bounds: tuple[int, int]) -> str:
+        return str(bounds[0]) if bounds[0] == bounds[1] else f"{bounds[0]}-{bounds[1]}"
+
+    return (
+        f"kinds {','.join(sorted(cfg.kinds))}; add {span(cfg.add_digits)} digits; sort "
+        f"{span(cfg.sort_count)} numbers of 0-{cfg.sort_max}; words of {span(cfg.word_length)} "
+        f"letters; upper {span(cfg.upper_words)} words"
+    )
 
 
 def pretraining_text(ex: Example) -> str:

@@ -21,17 +21,23 @@ from transformers import (
 from llada_ray.config import TinyModelConfig
 
 EOS, PAD, MASK = "<|endoftext|>", "<|pad|>", "<|mask|>"
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+ROLES = ["<|system|>", "<|user|>", "<|assistant|>"]
 
-# ChatML: the prompt ends with the assistant header, so SFT can supervise exactly the response.
+# A role token, the content, EOS: the prompt ends with the assistant's role token, so SFT
+# supervises exactly the response, which ends with EOS, where decoding stops. One token per role
+# (not ChatML's `<|im_start|>assistant\n`): short rows for a small model and a character vocabulary.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}" + EOS + "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (any text encodes) with digits split one per token, for exact arithmetic."""
+    """Byte-level BPE (any text encodes) with digits split one per token, for exact arithmetic.
+
+    A `vocab_size` of at most 256 + the special tokens learns no merge: one token per byte, a
+    character tokenizer for ASCII text, in which copying, reversing and case mapping work
+    letter by letter."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -42,7 +48,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS, PAD, MASK, IM_START, IM_END],
+        special_tokens=[EOS, PAD, MASK, *ROLES],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -52,7 +58,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         eos_token=EOS,
         pad_token=PAD,
         mask_token=MASK,
-        additional_special_tokens=[IM_START, IM_END],
+        additional_special_tokens=ROLES,
         chat_template=CHAT_TEMPLATE,
         model_max_length=1 << 30,
     )

@@ -82,11 +82,13 @@ def micro_batch_index(
 
 @dataclass(frozen=True)
 class PackedBatch:
-    """Packed pre-training rows: tokens, document ids, and which positions are real tokens."""
+    """Packed pre-training rows: tokens, document ids, which positions are real tokens and
+    which are completion (after their document's prompt)."""
 
     input_ids: torch.Tensor  # [b, L]
     doc_ids: torch.Tensor  # [b, L]
     valid: torch.Tensor  # [b, L] False on the padding of the corpus's last row
+    completion: torch.Tensor  # [b, L] every real token of a plain-text document
 
     @property
     def tokens(self) -> int:
@@ -101,7 +103,8 @@ def packed_batch(rows: dict[str, list]) -> PackedBatch:
     doc_ids = torch.tensor(np.stack(rows["doc_ids"]), dtype=torch.long)
     lengths = torch.tensor(rows["num_tokens"])
     valid = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]
-    return PackedBatch(input_ids, doc_ids, valid)
+    completion = torch.tensor(np.stack(rows["completion"]), dtype=torch.bool)
+    return PackedBatch(input_ids, doc_ids, valid, completion)
 
 
 @dataclass(frozen=True)
