@@ -85,12 +85,56 @@ class FileSource(Strict):
     text_unit: Literal["file", "line"] = Field("file", description="for text: a document per …")
 
 
+IntRange = tuple[PositiveInt, PositiveInt]  # inclusive bounds, drawn uniformly
+
+
+class TaskConfig(Strict):
+    """Difficulty of the built-in verifiable task family: one setting for every task source and
+    for the held-out evaluation, so test examples always come from the training distribution."""
+
+    kinds: list[Literal["add", "reverse", "sort", "upper"]] = Field(
+        ["add", "reverse", "sort", "upper"], min_length=1
+    )
+    add_digits: IntRange = Field((1, 2), description="digits of each addend")
+    sort_count: IntRange = Field((3, 4), description="how many numbers to sort")
+    sort_max: PositiveInt = Field(9, description="numbers to sort are drawn from 0..sort_max")
+    word_length: IntRange = Field((4, 5), description="letters per word (reverse, upper)")
+    upper_words: IntRange = Field((1, 1), description="words to copy in upper case")
+
+    @field_validator("add_digits", "sort_count", "word_length", "upper_words")
+    @classmethod
+    def _ordered(cls, bounds: tuple[int, int], info: ValidationInfo) -> tuple[int, int]:
+        if bounds[0] > bounds[1]:
+            raise ValueError(f"{info.field_name}: lower bound {bounds[0]} > upper {bounds[1]}")
+        return bounds
+
+    @field_validator("word_length")
+    @classmethod
+    def _reversible(cls, bounds: tuple[int, int]) -> tuple[int, int]:
+        if bounds[1] < 2:
+            raise ValueError("word_length: words of one letter read the same reversed")
+        return bounds
+
+    @field_validator("sort_count")
+    @classmethod
+    def _sortable(cls, bounds: tuple[int, int]) -> tuple[int, int]:
+        if bounds[0] < 2:
+            raise ValueError("sort_count: sorting needs at least 2 numbers")
+        return bounds
+
+
 class TaskSource(Strict):
-    """The built-in verifiable task family (generated, checkable answers)."""
+    """The built-in verifiable task family (generated, checkable answers; see data.task)."""
 
     type: Literal["task"] = "task"
     examples: PositiveInt = 20_000
     seed: int = 0
+    format: Literal["text", "chat"] = Field(
+        "text",
+        description="pre-training documents as plain text `prompt answer`, or rendered with the "
+        "run tokenizer's chat template (instruction data mixed into pre-training); either way "
+        "the prompt is context and the answer the completion",
+    )
 
 
 DataSource = Annotated[FileSource | TaskSource, Field(discriminator="type")]
@@ -99,9 +143,15 @@ DataSource = Annotated[FileSource | TaskSource, Field(discriminator="type")]
 class DataConfig(Strict):
     seq_len: PositiveInt = 256
     restart_positions: bool = Field(True, description="RoPE positions restart at each document")
+    split_documents: bool = Field(
+        True,
+        description="false: a document that does not fit in a row's rest starts the next row "
+        "(padding ends the row), so short documents (prompt + answer) are never cut apart",
+    )
     pretrain: list[DataSource] = [TaskSource()]
     sft: list[DataSource] = [TaskSource()]
     dpo: list[DataSource] = [TaskSource()]
+    task: TaskConfig = TaskConfig()
     validation_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.02
     bad_rows: Literal["skip", "fail"] = Field("skip", description="skip: count and go on")
     max_document_chars: PositiveInt = Field(
@@ -138,6 +188,11 @@ class ArPretrainStage(TrainingStage):
     stage: Literal["ar_pretrain"] = "ar_pretrain"
     tokens: PositiveInt
     lr: PositiveFloat = 1e-3
+    loss_on: Literal["all", "completion"] = Field(
+        "all",
+        description="completion: no loss on the prompts of prompt/completion documents "
+        "(the built-in task's); plain-text documents are all completion",
+    )
 
 
 class CptPhase(Strict):
@@ -166,6 +221,11 @@ class CptStage(TrainingStage):
     antithetic: bool = True
     weighting: Literal["inv_t", "uniform"] = "inv_t"
     shift_labels: bool = Field(False, description="keep the AR next-token shift (Dream-style)")
+    loss_on: Literal["all", "completion"] = Field(
+        "all",
+        description="completion: only the completions of prompt/completion documents are masked "
+        "and scored (their prompts stay clean context); plain-text documents are all completion",
+    )
 
 
 class MergeStage(Strict):
@@ -209,11 +269,21 @@ class DpoStage(TrainingStage):
     max_len: PositiveInt = 512
 
 
+class ArSftStage(TrainingStage):
+    """The fair AR baseline: the AR parent (ar_pretrain's output, else model.source) fine-tuned
+    with the next-token loss on the rows the sft stage trains on, for as many epochs: both sides
+    of a decoding comparison have seen the same data."""
+
+    stage: Literal["ar_sft"] = "ar_sft"
+    lr: PositiveFloat = 1e-4
+    epochs: PositiveFloat | None = Field(None, description="None: the sft stage's")
+
+
 Stage = Annotated[
-    ArPretrainStage | CptStage | MergeStage | SftStage | CapStage | DpoStage,
+    ArPretrainStage | CptStage | MergeStage | SftStage | CapStage | DpoStage | ArSftStage,
     Field(discriminator="stage"),
 ]
-STAGE_ORDER = ["ar_pretrain", "cpt", "merge", "sft", "cap", "dpo"]
+STAGE_ORDER = ["ar_pretrain", "cpt", "merge", "sft", "cap", "dpo", "ar_sft"]
 
 
 # --- where things go --------------------------------------------------------------------------
@@ -293,6 +363,8 @@ class PipelineConfig(Strict):
             raise ValueError(
                 f"stages {kinds} must appear at most once each, in the order {STAGE_ORDER}"
             )
+        if "ar_sft" in kinds and "sft" not in kinds:
+            raise ValueError("stage ar_sft trains on the sft stage's rows: it needs an sft stage")
         if "merge" in kinds and "cpt" not in kinds:
             raise ValueError("stage merge averages CPT checkpoints: it needs a cpt stage")
         if "merge" in kinds:

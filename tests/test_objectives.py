@@ -45,6 +45,7 @@ def _rows(tokenizer, n: int = 2) -> dict[str, list]:
     return {
         "input_ids": list(ids.numpy()),
         "doc_ids": [docs.numpy()] * n,
+        "completion": [np.ones(L, dtype=bool)] * n,
         "num_tokens": [L] * n,
     }
 
@@ -151,7 +152,14 @@ def test_dpo_starts_at_log_two_against_itself(dlm, tiny_tokenizer):
 def test_tiny_plan_runs_and_rates() -> None:
     cfg = load_config("configs/tiny.yaml")
     names = [u.name for u in units(cfg)]
-    assert names[0] == "ar_pretrain" and names[-4:] == ["merge", "sft", "cap", "dpo"]
+    assert names[0] == "ar_pretrain" and names[-5:] == ["merge", "sft", "cap", "dpo", "ar_sft"]
+    baseline, sft = find_unit(cfg, "ar_sft"), find_unit(cfg, "sft")
+    assert (baseline.starts_from, baseline.data, baseline.epochs) == (
+        "ar_pretrain",
+        sft.data,
+        sft.epochs,
+    )  # the AR parent, on the SFT rows, for as many epochs
+    assert find_unit(cfg, "sft").starts_from == "merge"
     phases = [u for u in units(cfg) if u.name.startswith("cpt-")]
     assert [u.objective for u in phases].count("stable") == 1
     assert phases[0].first_of_stage and not phases[1].first_of_stage

@@ -26,9 +26,9 @@ from llada_ray.pipeline.scheduler import ChangedStageError, main, run_pipeline
 from llada_ray.pipeline.status import stage_table
 from llada_ray.train import checkpoint
 from llada_ray.train.plan import find_unit, units
-from llada_ray.train.run import output_of, pipeline_root, run_path
+from llada_ray.train.run import output_of, pipeline_root, run_path, run_unit
 from tests import stack
-from tests.test_train import _assert_same_weights, small_config
+from tests.test_train import _assert_same_weights, _final_weights, small_config
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -169,14 +169,36 @@ def test_every_stage_committed_with_lineage_in_mlflow(reference, mlflow_tracking
         "plots/block_size_schedule.png",
         "plots/task_accuracy.png",
     }
-    assert {f"task_accuracy_{s}" for s in ("merge", "sft", "cap", "dpo")} <= set(
-        parent.data.metrics
-    )
+    evaluated = ("merge", "sft", "cap", "dpo", "ar_sft")
+    assert {f"task_accuracy_{s}" for s in evaluated} <= set(parent.data.metrics)
+    assert {f"task_tpf_{s}" for s in evaluated} <= set(parent.data.metrics)
     version = client.get_model_version_by_alias("pipe", "candidate")
     assert version.source == f"s3://{export}"
     assert version.run_id == parent.info.run_id
     assert version.tags["upstream.sft"] == f"s3://{committed['sft']['output']}"
     assert version.tags["config_hash"] == committed["export"]["config_hash"]
+
+
+def test_the_ar_baseline_starts_from_the_ar_parent_and_resumes(reference):
+    """ar_sft branches off the AR parent, on the SFT rows; its run resumes from its last
+    checkpoint that verifies (the newest one's upload died) to the same weights; the pipeline's
+    export is the diffusion model, not the baseline."""
+    cfg = reference
+    fs, run_root = pipeline_root(cfg)
+    committed = manifests.read_all(fs, run_root)
+    assert committed["ar_sft"]["input"] == committed["ar_pretrain"]["output"]
+    unit = find_unit(cfg, "ar_sft")
+    assert (unit.starts_from, unit.data) == ("ar_pretrain", find_unit(cfg, "sft").data)
+    assert committed["export"]["input"] == committed["dpo"]["output"]
+    before = _final_weights(cfg, "ar_sft")
+    newest = checkpoint.list_checkpoints(fs, run_path(run_root, unit))[0]
+    fs.delete_file(f"{newest}/{checkpoint.MANIFEST}")
+    previous = checkpoint.latest(fs, run_path(run_root, unit))
+    assert previous is not None
+    previous.cleanup()
+    again = run_unit(cfg, unit)
+    assert again.trained and again.manifest["resumed_from"] == previous.manifest["step"]
+    _assert_same_weights(before, _final_weights(cfg, "ar_sft"))
 
 
 def test_a_finished_pipeline_submitted_again_trains_nothing(reference, capsys):

@@ -59,6 +59,7 @@ def small_config(name: str, root: str, tracking: str, **overrides: object) -> Pi
             {"stage": "sft", "lr": 1e-3, "epochs": 0.5, **chat},
             {"stage": "cap", "lr": 5e-4, "epochs": 0.25, **chat},
             {"stage": "dpo", **chat, "micro_batch_size": 4, "epochs": 0.3, "eval_rows": 16},
+            {"stage": "ar_sft", "lr": 1e-3, **every},
         ],
         "storage": {"root": root},
         "tracking": {"uri": tracking, "experiment": "train-test"},

@@ -1,9 +1,10 @@
 """A pipeline config as its ordered stage graph, each stage with the hash of what defines it.
 
-pack → [ar_pretrain] → cpt-<phase>… → merge → sft → cap → dpo → export. Every stage starts from
-the one before it, so a stage's hash chains its own settings with its predecessor's hash: a change
-anywhere upstream changes every hash after it, and a committed stage whose hash no longer matches
-was built from something else. Pure Python (no torch, no Ray).
+pack → [ar_pretrain] → cpt-<phase>… → merge → sft → cap → dpo → [ar_sft] → export. Every stage
+starts from the one before it (the AR baseline ar_sft from the AR parent), so a stage's hash chains
+its own settings with the hash of the stage it starts from: a change anywhere upstream changes
+every hash after it, and a committed stage whose hash no longer matches was built from something
+else. Pure Python (no torch, no Ray).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def _settings(cfg: PipelineConfig, unit: Unit) -> dict:
         "tokens": unit.tokens,
         "lr": unit.lr,
         "first_of_stage": unit.first_of_stage,
+        "data": unit.data,
+        "epochs": unit.epochs,
         "stage": unit.stage.model_dump(mode="json", exclude={"phases"}),
         "workers": cfg.scaling.num_workers,
         "strategy": cfg.scaling.strategy,
@@ -55,10 +58,12 @@ def stage_graph(cfg: PipelineConfig) -> list[Stage]:
         "tokenizer": cfg.tokenizer.model_dump(mode="json"),
         "data": cfg.data.model_dump(mode="json"),
     }
-    previous = _digest("", data)
+    previous = packed = _digest("", data)
     graph = [Stage("pack", "pack", None, previous)]
+    hashes: dict[str, str] = {}
     for unit in units(cfg):
-        previous = _digest(previous, _settings(cfg, unit))
+        start = hashes[unit.starts_from] if unit.starts_from else packed
+        previous = hashes[unit.name] = _digest(start, _settings(cfg, unit))
         kind: StageKind = "merge" if unit.objective == "merge" else "train"
         graph.append(Stage(unit.name, kind, unit, previous))
     graph.append(Stage("export", "export", None, _digest(previous, {"export": True})))

@@ -21,13 +21,15 @@ from mlflow.tracking import MlflowClient
 
 from llada_ray import tracking
 from llada_ray.config import PipelineConfig
+from llada_ray.data import tasks
 from llada_ray.model.io import MODEL_FILES
 from llada_ray.pipeline import manifests
 from llada_ray.pipeline.graph import stage_graph
 from llada_ray.train import checkpoint
 from llada_ray.train.plan import units
 
-POST_TRAINING = ("merge", "sft", "cap", "dpo")  # merge: the model before post-training
+# Evaluated after training (merge: the model before post-training; ar_sft: the AR baseline).
+EVALUATED = ("merge", "sft", "cap", "dpo", "ar_sft")
 
 
 def export_path(run_root: str) -> str:
@@ -88,16 +90,24 @@ def finish(
     client.log_dict(parent_run_id, committed, "stages.json")  # every stage's commit record
     summary: dict = {}
     if cfg.evaluation.task_examples:
-        models = {s: committed[s]["output"] for s in POST_TRAINING if s in committed}
-        task = ray.remote(num_cpus=1, num_gpus=1 if cfg.scaling.use_gpu else 0)(evaluate)
+        models = {s: committed[s]["output"] for s in EVALUATED if s in committed}
+        task = ray.remote(num_cpus=1, num_gpus=1 if cfg.scaling.use_gpu else 0)(evaluate_models)
         accuracy = ray.get(task.remote(cfg, models))
+        say(f"{'':<16} task settings: {tasks.describe(cfg.data.task)}")
         for stage, figures in accuracy.items():
+            kinds = ", ".join(f"{k} {v:.0%}" for k, v in figures["per_task"].items())
             say(
-                f"{'':<16} after {stage}: task accuracy {figures['accuracy']:.1%}, answer "
-                f"similarity {figures['similarity']:.1%}, TPF {figures['tokens_per_forward']:.2f}"
+                f"{'':<16} {stage:<7} exact match {figures['accuracy']:.1%} ({kinds}), "
+                f"TPF {figures['tokens_per_forward']:.2f}"
             )
-            client.log_metric(parent_run_id, f"task_accuracy_{stage}", figures["accuracy"])
-            client.log_metric(parent_run_id, f"task_similarity_{stage}", figures["similarity"])
+            metrics = {
+                f"task_accuracy_{stage}": figures["accuracy"],
+                f"task_similarity_{stage}": figures["similarity"],
+                f"task_tpf_{stage}": figures["tokens_per_forward"],
+            }
+            metrics |= {f"task_accuracy_{stage}/{k}": v for k, v in figures["per_task"].items()}
+            for key, value in metrics.items():
+                client.log_metric(parent_run_id, key, value)
         summary["task_accuracy"] = accuracy
     with tempfile.TemporaryDirectory() as tmp:
         for path in plots(cfg, client, committed, summary.get("task_accuracy"), Path(tmp)):
@@ -127,21 +137,23 @@ def register(
     return {"name": name, "version": int(version.version), "alias": cfg.tracking.model_alias}
 
 
-def evaluate(cfg: PipelineConfig, models: dict[str, str]) -> dict[str, dict]:
-    """Exact-match accuracy and TPF on held-out task examples, per post-training stage's model,
-    decoded as served (chat prompt, block decoder with cache)."""
+def evaluate_models(cfg: PipelineConfig, models: dict[str, str]) -> dict[str, dict]:
+    """Task accuracy and TPF of each stage's model on held-out examples of the training
+    settings, decoded as served: chat prompts, the block decoder with its cache (the AR baseline
+    with the AR decoder)."""
     import torch
 
     from llada_ray.data import tasks
-    from llada_ray.data.chat import prompt_ids
-    from llada_ray.decoding import BlockDecoder, Sampling
+    from llada_ray.decoding import ARDecoder, BlockDecoder, Sampling
+    from llada_ray.evaluation import evaluate
     from llada_ray.model import DiffusionLM, load_model
     from llada_ray.storage import storage_root
 
     fs, _ = storage_root(cfg.storage)
     ev = cfg.evaluation
-    examples = tasks.examples(ev.seed, 0, ev.task_examples)
-    block = next(u.block_size for u in reversed(units(cfg)) if u.block_size)
+    examples = tasks.examples(ev.seed, 0, ev.task_examples, cfg.data.task)
+    block = next(u.block_size for u in reversed(units(cfg)) if u.block_size and not u.baseline)
+    sampling = Sampling(ev.threshold, max_new_tokens=ev.max_new_tokens)
     out = {}
     for stage, path in models.items():
         fetched = checkpoint.fetch(fs, path)
@@ -153,22 +165,13 @@ def evaluate(cfg: PipelineConfig, models: dict[str, str]) -> dict[str, dict]:
             fetched.cleanup()
         if cfg.scaling.use_gpu and torch.cuda.is_available():
             hf = hf.to("cuda", getattr(torch, cfg.model.dtype))
-        decoder = BlockDecoder(
-            DiffusionLM(hf, attention=cfg.model.attention), tok.eos_token_id, block
-        )
-        prompts = [prompt_ids(tok, [{"role": "user", "content": ex.prompt}]) for ex in examples]
-        sampling = Sampling(ev.threshold, max_new_tokens=ev.max_new_tokens)
-        answers, tokens, forwards = [], 0, 0
-        for i in range(0, len(prompts), ev.batch_size):
-            for g in decoder.generate(prompts[i : i + ev.batch_size], sampling):
-                answers.append(tok.decode(g.tokens, skip_special_tokens=True))
-                tokens, forwards = tokens + len(g.tokens), forwards + g.forwards
-        scores = tasks.score(examples, answers)
-        out[stage] = {
-            "accuracy": scores["accuracy"],
-            "similarity": scores["similarity"],
-            "tokens_per_forward": tokens / max(forwards, 1),
-        }
+        dlm = DiffusionLM(hf, attention=cfg.model.attention)
+        if stage == "ar_sft":
+            decoder = ARDecoder(dlm, tok.eos_token_id)
+        else:
+            decoder = BlockDecoder(dlm, tok.eos_token_id, block)
+        result = evaluate(decoder, tok, examples, sampling, ev.batch_size)
+        out[stage] = result.summary() | {"settings": tasks.describe(cfg.data.task)}
     return out
 
 

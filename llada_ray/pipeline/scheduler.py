@@ -20,6 +20,7 @@ from llada_ray.config import PipelineConfig
 from llada_ray.data.pack import pack_all
 from llada_ray.pipeline import lineage, manifests
 from llada_ray.pipeline.graph import Stage, find_stage, stage_graph
+from llada_ray.progress import pipeline_line
 from llada_ray.train.run import merge_path, pipeline_root, run_path, run_unit
 
 
@@ -91,6 +92,7 @@ def run_pipeline(
 
     parent = tracking.start_run(cfg, "pipeline", {"pipeline": cfg.model_dump(mode="json")})
     ran, skipped = [], []
+    outputs: dict[str, str | None] = {}
     previous: str | None = None  # the output the next stage starts from
     model: str | None = None  # the newest model: what export publishes
     try:
@@ -98,39 +100,52 @@ def run_pipeline(
             if stage.name in committed:
                 say(f"{stage.name:<16} committed, skipped")
                 skipped.append(stage.name)
-                previous = committed[stage.name].get("output") or previous
+                output = committed[stage.name].get("output")
+            else:
+                say(f"{stage.name:<16} running")
+                t0, began = time.perf_counter(), manifests.now()
+                output, summary = _run_stage(cfg, stage, parent, model, say)
+                seconds = time.perf_counter() - t0
+                manifests.write(
+                    fs,
+                    run_root,
+                    {
+                        "stage": stage.name,
+                        "kind": stage.kind,
+                        "config_hash": stage.config_hash,
+                        "code_version": manifests.code_version(),
+                        "input": _input(stage, previous, outputs),
+                        "output": output,
+                        "summary": summary,
+                        "started": began,
+                        "finished": manifests.now(),
+                        "seconds": round(seconds, 3),
+                        "mlflow_parent_run_id": parent,
+                    },
+                )
+                say(f"{stage.name:<16} committed in {seconds:.1f} s → {output}")
+                ran.append(stage.name)
+            outputs[stage.name] = output
+            if not _baseline(stage):  # the AR baseline branches off the line the export follows
+                previous = output or previous
                 model = previous if stage.kind in ("train", "merge") else model
-                continue
-            say(f"{stage.name:<16} running")
-            t0, began = time.perf_counter(), manifests.now()
-            output, summary = _run_stage(cfg, stage, parent, model, say)
-            seconds = time.perf_counter() - t0
-            manifests.write(
-                fs,
-                run_root,
-                {
-                    "stage": stage.name,
-                    "kind": stage.kind,
-                    "config_hash": stage.config_hash,
-                    "code_version": manifests.code_version(),
-                    "input": previous,
-                    "output": output,
-                    "summary": summary,
-                    "started": began,
-                    "finished": manifests.now(),
-                    "seconds": round(seconds, 3),
-                    "mlflow_parent_run_id": parent,
-                },
-            )
-            say(f"{stage.name:<16} committed in {seconds:.1f} s → {output}")
-            previous = output or previous
-            model = previous if stage.kind in ("train", "merge") else model
-            ran.append(stage.name)
     except BaseException:
         tracking.finish_run(cfg, parent, None, failed=True)
         raise
     tracking.finish_run(cfg, parent, None)
     return PipelineOutcome(ran, skipped, previous)  # export is the last stage
+
+
+def _input(stage: Stage, previous: str | None, outputs: dict[str, str | None]) -> str | None:
+    """What a stage started from: the previous stage's output, or the AR baseline's parent's."""
+    if not _baseline(stage):
+        return previous
+    parent = stage.unit.starts_from  # type: ignore[union-attr]
+    return outputs.get(parent) if parent else None
+
+
+def _baseline(stage: Stage) -> bool:
+    return stage.unit is not None and stage.unit.baseline
 
 
 def _run_stage(
@@ -187,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS / the job's cluster, else a local one
     try:
-        outcome = run_pipeline(cfg, args.force_from, lambda line: print(line, flush=True))
+        outcome = run_pipeline(
+            cfg, args.force_from, lambda line: print(pipeline_line(line), flush=True)
+        )
     except (RuntimeError, TrainingFailedError) as err:
         print(f"pipeline {cfg.name!r} failed: {err}", file=sys.stderr)
         return 1

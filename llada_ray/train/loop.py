@@ -28,6 +28,7 @@ from llada_ray.config import CptStage, PipelineConfig, TrainingStage
 from llada_ray.data.corpus import load_tokenizer
 from llada_ray.diffusion.noise import embedding_noise_std
 from llada_ray.model import DiffusionLM, build_tiny_model, embedding_rms, load_model
+from llada_ray.progress import RunProgress
 from llada_ray.storage import storage_root
 from llada_ray.train import checkpoint
 from llada_ray.train.batches import RowStore, micro_batch_index
@@ -189,6 +190,7 @@ def train_loop(payload: dict) -> None:
         cfg,
         dlm.mask_token_id,
         tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
         reference=reference,
         embed_noise=lambda s: embedding_noise_std(s, noise_steps, pos.embed_noise_std),
         device=device,
@@ -201,6 +203,11 @@ def train_loop(payload: dict) -> None:
 
     if pos.step == 0:
         metrics_log.log({f"val_{k}": v for k, v in validate().items()}, 0)
+    progress = RunProgress(unit.name, steps, pos.step) if rank == 0 else None
+    if progress and restored:
+        # Checkpoints the driver did not see at launch were written by this run's earlier
+        # attempt: a worker was lost and Ray Train restarted the group.
+        progress.resumed(pos.step, lost_worker=pos.step > payload.get("launched_at_step", 0))
 
     while pos.step < steps:
         started = time.perf_counter()
@@ -243,6 +250,8 @@ def train_loop(payload: dict) -> None:
         if at_checkpoint or pos.step % stage.eval_every_steps == 0:
             figures |= {f"val_{k}": v for k, v in validate().items()}
         metrics_log.log(figures, pos.step)
+        if progress:
+            progress.update(pos.step, figures["loss"], figures["tokens_per_s"])
         if at_checkpoint:
             _save(engine, tokenizer, pos, figures, unit, cfg, steps, rank, world)
             metrics_log.log({"checkpoint_seconds": pos.checkpoint_seconds}, pos.step)

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
-from llada_ray.config import CapStage, CptStage, DpoStage, PipelineConfig, SftStage
+from llada_ray.config import (
+    ArPretrainStage,
+    CapStage,
+    CptStage,
+    DpoStage,
+    PipelineConfig,
+    SftStage,
+)
 from llada_ray.diffusion.losses import (
     cap_confidence_loss,
     dpo_elbo_loss,
@@ -36,15 +43,34 @@ class StepLoss:
     tokens: int  # real tokens in the micro-batch (throughput)
 
 
-def ar_loss(model: Model, batch: PackedBatch, restart_positions: bool) -> StepLoss:
-    """Next-token cross-entropy inside each document (the AR model CPT converts)."""
+def ar_loss(
+    model: Model, batch: PackedBatch, restart_positions: bool, completion_only: bool = False
+) -> StepLoss:
+    """Next-token cross-entropy inside each document (the AR model CPT converts); with
+    `completion_only`, on the completion tokens of prompt/completion documents only."""
     positions = position_ids_for(batch.doc_ids, restart_positions)
     logits = model(**causal_inputs(batch.input_ids, batch.doc_ids, positions))
     same_doc = batch.doc_ids[:, 1:] == batch.doc_ids[:, :-1]
     keep = same_doc & batch.valid[:, 1:]
+    if completion_only:
+        keep &= batch.completion[:, 1:]
     loss = masked_token_nll(logits[:, :-1], batch.input_ids[:, 1:], keep).sum() / keep.sum().clamp(
         min=1
     )
+    return StepLoss(loss, {"loss": loss.item()}, batch.tokens)
+
+
+def ar_sft_loss(model: Model, batch: ChatBatch, eos_id: int) -> StepLoss:
+    """Next-token cross-entropy on the response, up to and including its first EOS: the AR
+    baseline trained on the very rows SFT trains on (the EOS padding after it is not a target)."""
+    positions = position_ids_for(batch.doc_ids, True)
+    logits = model(**causal_inputs(batch.input_ids, batch.doc_ids, positions))
+    targets = batch.input_ids[:, 1:]
+    response = batch.maskable[:, 1:]
+    is_eos = (targets == eos_id) & response
+    earlier = torch.cumsum(is_eos, 1) - is_eos.long()  # response EOS before each target
+    keep = response & (earlier == 0)
+    loss = masked_token_nll(logits[:, :-1], targets, keep).sum() / keep.sum().clamp(min=1)
     return StepLoss(loss, {"loss": loss.item()}, batch.tokens)
 
 
@@ -66,6 +92,8 @@ def cpt_loss(
     """
     x0, doc = batch.input_ids, batch.doc_ids
     maskable = batch.valid.clone()
+    if stage.loss_on == "completion":
+        maskable &= batch.completion
     if stage.shift_labels:
         maskable[:, 0] = False
         maskable[:, 1:] &= doc[:, 1:] == doc[:, :-1]
@@ -174,6 +202,7 @@ def objective_for(
     cfg: PipelineConfig,
     mask_id: int,
     pad_id: int,
+    eos_id: int,
     *,
     reference: Model | None = None,
     embed_noise: Callable[[int], float] = lambda step: 0.0,
@@ -184,7 +213,11 @@ def objective_for(
     restart = cfg.data.restart_positions
     stage = unit.stage
     if unit.objective == "ar":
-        return lambda model, rows, gen, step: ar_loss(model, packed_batch(rows).to(device), restart)
+        assert isinstance(stage, ArPretrainStage)
+        completion_only = stage.loss_on == "completion"
+        return lambda model, rows, gen, step: ar_loss(
+            model, packed_batch(rows).to(device), restart, completion_only
+        )
     if unit.objective in ("bd", "stable"):
         assert isinstance(stage, CptStage) and unit.block_size is not None
         block_size = unit.block_size
@@ -202,6 +235,10 @@ def objective_for(
             )
 
         return cpt
+    if unit.objective == "ar_sft":
+        return lambda model, rows, gen, step: ar_sft_loss(
+            model, sft_batch(rows, pad_id).to(device), eos_id
+        )
     if unit.objective in ("sft", "cap"):
         assert isinstance(stage, SftStage)
         return lambda model, rows, gen, step: sft_loss(

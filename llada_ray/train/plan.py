@@ -6,12 +6,14 @@ the unit before it. Pure Python: the CLI and the jobs plan without importing tor
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
 
 from llada_ray.config import (
     ArPretrainStage,
+    ArSftStage,
     CapStage,
     CptStage,
     DpoStage,
@@ -23,19 +25,26 @@ from llada_ray.config import (
 from llada_ray.data.chat import rows_name
 from llada_ray.diffusion.schedule import plan_phases
 
-RunKind = Literal["ar", "bd", "stable", "sft", "cap", "dpo", "merge"]
+RunKind = Literal["ar", "bd", "stable", "sft", "cap", "dpo", "merge", "ar_sft"]
 
 
 @dataclass(frozen=True)
 class Unit:
-    name: str  # "ar_pretrain", "cpt-<phase>", "merge", "sft", "cap", "dpo"
+    name: str  # "ar_pretrain", "cpt-<phase>", "merge", "sft", "cap", "dpo", "ar_sft"
     objective: RunKind
-    stage: ArPretrainStage | CptStage | MergeStage | SftStage | CapStage | DpoStage
+    stage: ArPretrainStage | CptStage | MergeStage | SftStage | CapStage | DpoStage | ArSftStage
     data: str | None  # key of the packed data it reads (see data.pack.pack_all)
     block_size: int | None = None
     tokens: int | None = None  # token budget (ar, cpt); None: epochs over the rows
     lr: float | None = None
     first_of_stage: bool = True  # warmup, embedding noise; later CPT phases carry state on
+    starts_from: str | None = None  # the run whose output it starts from; None: model.source
+    epochs: float | None = None  # epochs over the rows, when there is no token budget
+
+    @property
+    def baseline(self) -> bool:
+        """A side branch (the AR baseline): the diffusion model does not continue from it."""
+        return self.objective == "ar_sft"
 
     @property
     def training(self) -> TrainingStage | None:
@@ -48,7 +57,21 @@ class Unit:
 
 
 def units(cfg: PipelineConfig) -> list[Unit]:
+    """The runs in order; each starts from the run before it, but the AR baseline, which starts
+    from the AR parent."""
     out: list[Unit] = []
+    for unit in _units(cfg):
+        if unit.baseline:
+            parent = next((u.name for u in out if u.objective == "ar"), None)
+        else:
+            parent = next((u.name for u in reversed(out) if not u.baseline), None)
+        out.append(dataclasses.replace(unit, starts_from=parent))
+    return out
+
+
+def _units(cfg: PipelineConfig) -> list[Unit]:
+    out: list[Unit] = []
+    sft = next((s for s in cfg.stages if type(s) is SftStage), None)
     for stage in cfg.stages:
         if isinstance(stage, ArPretrainStage):
             out.append(Unit("ar_pretrain", "ar", stage, "pretrain", 1, stage.tokens, stage.lr))
@@ -73,11 +96,28 @@ def units(cfg: PipelineConfig) -> list[Unit]:
         elif isinstance(stage, DpoStage):
             lr = stage.lr if stage.lr is not None else _final_lr(out)
             data = rows_name("dpo", stage.block_size, stage.max_len)
-            out.append(Unit("dpo", "dpo", stage, data, stage.block_size, None, lr))
+            out.append(
+                Unit("dpo", "dpo", stage, data, stage.block_size, None, lr, epochs=stage.epochs)
+            )
+        elif isinstance(stage, ArSftStage):
+            assert sft is not None  # the config guarantees it
+            data = rows_name("sft", sft.block_size, sft.max_len)
+            epochs = stage.epochs if stage.epochs is not None else sft.epochs
+            out.append(Unit("ar_sft", "ar_sft", stage, data, 1, None, stage.lr, epochs=epochs))
         else:  # SftStage or CapStage
             data = rows_name("sft", stage.block_size, stage.max_len)
-            unit = Unit(stage.stage, stage.stage, stage, data, stage.block_size, None, stage.lr)
-            out.append(unit)
+            out.append(
+                Unit(
+                    stage.stage,
+                    stage.stage,
+                    stage,
+                    data,
+                    stage.block_size,
+                    None,
+                    stage.lr,
+                    epochs=stage.epochs,
+                )
+            )
     return out
 
 
@@ -99,10 +139,9 @@ def find_unit(cfg: PipelineConfig, name: str) -> Unit:
     raise ValueError(f"no run named {name!r} in pipeline {cfg.name!r}: {[u.name for u in plan]}")
 
 
-def previous_unit(cfg: PipelineConfig, unit: Unit) -> Unit | None:
-    plan = units(cfg)
-    i = [u.name for u in plan].index(unit.name)
-    return plan[i - 1] if i else None
+def input_unit(cfg: PipelineConfig, unit: Unit) -> Unit | None:
+    """The run whose output `unit` starts from (None: it starts from model.source)."""
+    return None if unit.starts_from is None else find_unit(cfg, unit.starts_from)
 
 
 def total_steps(unit: Unit, cfg: PipelineConfig, train_rows: int, world_size: int) -> int:
@@ -112,7 +151,8 @@ def total_steps(unit: Unit, cfg: PipelineConfig, train_rows: int, world_size: in
     global_batch = stage.micro_batch_size * stage.grad_accumulation * max(world_size, 1)
     if unit.tokens is not None:
         return max(1, math.ceil(unit.tokens / (global_batch * cfg.data.seq_len)))
-    return max(1, math.ceil(stage.epochs * train_rows / global_batch))  # type: ignore[union-attr]
+    assert unit.epochs is not None, unit.name
+    return max(1, math.ceil(unit.epochs * train_rows / global_batch))
 
 
 def learning_rate(unit: Unit, step: int, steps: int) -> float:

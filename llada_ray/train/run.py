@@ -34,7 +34,7 @@ from llada_ray.model.merge import merge_checkpoints
 from llada_ray.storage import storage_root
 from llada_ray.train import checkpoint
 from llada_ray.train.loop import train_loop
-from llada_ray.train.plan import Unit, previous_unit, units
+from llada_ray.train.plan import Unit, input_unit, units
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def output_of(fs: pafs.FileSystem, run_root: str, unit: Unit) -> checkpoint.Fetc
 
 
 def _input_of(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, unit: Unit) -> str | None:
-    before = previous_unit(cfg, unit)
+    before = input_unit(cfg, unit)
     if before is None:
         return None
     out = output_of(fs, run_root, before)
@@ -101,7 +101,7 @@ def run_unit(cfg: PipelineConfig, unit: Unit, parent_run_id: str | None = None) 
         seconds = time.perf_counter() - started
         return RunOutcome(unit.name, merge_path(run_root), manifest, True, seconds)
 
-    _check_resumable(cfg, fs, run_root, unit)
+    written = _check_resumable(cfg, fs, run_root, unit)
     packed = pack_all(cfg, fs, run_root)
     params = {
         "run": {
@@ -127,6 +127,7 @@ def run_unit(cfg: PipelineConfig, unit: Unit, parent_run_id: str | None = None) 
         "tokenizer": f"{run_root}/tokenizer",
         "data": packed[unit.data].path,
         "tracking": {"uri": tracking.resolve_uri(cfg.tracking.uri), "run_id": mlflow_run},
+        "launched_at_step": max((m.get("step", 0) for _, m in written), default=0),
     }
     stage = unit.training
     assert stage is not None
@@ -165,12 +166,15 @@ def run_unit(cfg: PipelineConfig, unit: Unit, parent_run_id: str | None = None) 
     return RunOutcome(unit.name, out.path, out.manifest, True, time.perf_counter() - started)
 
 
-def _check_resumable(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, unit: Unit) -> None:
-    """A run resumes only under the scaling that wrote its checkpoints: the sample order and the
-    optimizer shards depend on it. Refused here, before anything is submitted."""
+def _check_resumable(
+    cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, unit: Unit
+) -> list[tuple[str, dict]]:
+    """The run's checkpoint manifests so far. A run resumes only under the scaling that wrote
+    its checkpoints: the sample order and the optimizer shards depend on it. Refused here,
+    before anything is submitted."""
     written = checkpoint.read_manifests(fs, run_path(run_root, unit))
     if not written:
-        return
+        return written
     path, m = written[0]
     if (m.get("world_size"), m.get("strategy")) != (cfg.scaling.num_workers, cfg.scaling.strategy):
         raise RuntimeError(
@@ -178,6 +182,7 @@ def _check_resumable(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, un
             f"with scaling.num_workers {m.get('world_size')} and strategy {m.get('strategy')}, "
             f"or delete {run_path(run_root, unit)} to start the run over"
         )
+    return written
 
 
 def merge_top_k(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str) -> dict:
