@@ -1,19 +1,22 @@
 """`make demo`: corpus → block-diffusion model → served answers, on this machine, in one command.
 
 Starts a local Ray head (its own temp dir and ports; stopped at the end), submits the pipeline job
-with `ray job submit` and follows its log, then serves the exported model with `llada-ray serve`
-and asks it verifiable-task questions, printing answers, accuracy and tokens per forward. Storage
-and MLflow are local files (runs/, mlflow.db) unless the config says otherwise.
+through Ray's job API and follows it: one line per stage with its progress (step, loss, tokens/s,
+ETA), while the job's whole log (Ray's own output included) goes to a file whose path it prints.
+Then it serves the exported model with `llada-ray serve`, asks it held-out task questions and
+prints the answers, the accuracy per task kind and the tokens per forward. Storage and MLflow are
+local files (runs/, mlflow.db) unless the config says otherwise.
 
-    python tools/demo.py [--config configs/tiny.yaml] [--questions 16]
+    python tools/demo.py [--config configs/tiny.yaml] [--questions 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,129 +25,186 @@ from pathlib import Path
 
 import requests
 import yaml
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from llada_ray import local_stack
+from llada_ray.config import PipelineConfig, load_config
+from llada_ray.data import tasks
+from llada_ray.pipeline import manifests
+from llada_ray.pipeline.lineage import uri_of
+from llada_ray.progress import parse
+from llada_ray.train.run import pipeline_root
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from llada_ray.config import load_config  # noqa: E402
-from llada_ray.data import tasks  # noqa: E402
-from llada_ray.pipeline import manifests  # noqa: E402
-from llada_ray.pipeline.lineage import uri_of  # noqa: E402
-from llada_ray.train.run import pipeline_root  # noqa: E402
-from tests import stack  # noqa: E402  (the same local Ray head the tests start)
-
 BIN = Path(sys.executable).parent
 
 
-def local_config(path: Path) -> Path:
+def local_config(path: Path) -> tuple[Path, PipelineConfig]:
     """The config with relative local paths made absolute: the job runs in a copy of the repo."""
     cfg = load_config(path).anchored(REPO)  # a bad config stops here, before anything starts
     out = REPO / "runs" / f"demo-{path.stem}.yaml"
     out.parent.mkdir(exist_ok=True)
     out.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    return out
+    return out, cfg
 
 
-def ask(url: str, model: str, ex: tasks.Example) -> dict:
-    body = {"model": model, "max_tokens": 32, "messages": [{"role": "user", "content": ex.prompt}]}
+class Console:
+    """Our tagged lines from the job log, one line per stage; everything to `log`."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log.open("w")
+        self.live = sys.stdout.isatty()
+        self.stage: str | None = None
+        self.shown = 0.0  # when the current stage's progress was last printed (not live)
+        self.last: dict | None = None  # Ray may forward a worker's line twice
+
+    def feed(self, text: str) -> None:
+        self.log.write(text)
+        self.log.flush()
+        for line in text.splitlines():
+            tagged = parse(line)
+            if tagged is None:
+                continue
+            kind, body = tagged
+            if kind == "pipeline":
+                self._say(str(body))
+            else:
+                self._progress(body)  # type: ignore[arg-type]
+
+    def _say(self, text: str) -> None:
+        self._end_live()
+        print(text, flush=True)
+
+    def _progress(self, p: dict) -> None:
+        if p == self.last:
+            return
+        self.last = p
+        if "resumed_from" in p:
+            why = "worker lost, " if p["lost_worker"] else ""
+            self._say(f"{p['run']:<16} {why}resumed from step {p['resumed_from']}")
+            return
+        done = p["step"] / p["steps"]
+        bar = "█" * round(20 * done) + "░" * (20 - round(20 * done))
+        line = (
+            f"{p['run']:<16} {bar} {p['step']}/{p['steps']}  loss {p['loss']:.3f}  "
+            f"{p['tokens_per_s'] / 1000:.1f}k tok/s  ETA {p['eta_s']} s"
+        )
+        if self.live:
+            print(f"\r{line}\x1b[K", end="", flush=True)
+            self.stage = p["run"]
+        elif time.monotonic() - self.shown > 15 or p["step"] == p["steps"]:
+            print(line, flush=True)
+            self.shown = time.monotonic()
+
+    def _end_live(self) -> None:
+        if self.live and self.stage is not None:
+            print(flush=True)
+        self.stage = None
+
+    def close(self) -> None:
+        self._end_live()
+        self.log.close()
+
+
+async def follow(client: JobSubmissionClient, job: str, console: Console) -> None:
+    async for chunk in client.tail_job_logs(job):
+        console.feed(chunk)
+
+
+def ask(url: str, ex: tasks.Example, threshold: float) -> dict:
+    body = {
+        "model": "llada-ray",
+        "max_tokens": 32,
+        "threshold": threshold,
+        "messages": [{"role": "user", "content": ex.prompt}],
+    }
     r = requests.post(f"{url}/v1/chat/completions", json=body, timeout=120)
     r.raise_for_status()
     reply = r.json()
     return {
         "answer": reply["choices"][0]["message"]["content"].strip(),
-        "tpf": reply["decoding"]["tokens_per_forward"],
+        "tokens": reply["usage"]["completion_tokens"],
+        "forwards": reply["decoding"]["forwards"],
     }
+
+
+def serve_and_ask(head: local_stack.RayHead, export: str, cfg: PipelineConfig, n: int) -> int:
+    port = local_stack.free_port()
+    serve_log = Path(tempfile.mkdtemp(prefix="llada-demo-serve-")) / "serve.log"
+    cmd = [str(BIN / "llada-ray"), "serve", export, "--address", head.address,
+           "--port", str(port), "--name", "demo"]  # fmt: skip
+    with local_stack.process_group(cmd, serve_log, {}) as proc:
+        url = f"http://127.0.0.1:{port}"
+        while not _healthy(url):
+            if proc.poll() is not None:
+                print(serve_log.read_text(), file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        print(f"\n== serving {export} at {url}/v1", flush=True)
+        examples = tasks.examples(cfg.evaluation.seed + 1, 0, n, cfg.data.task)
+        with ThreadPoolExecutor(8) as pool:
+            tau = cfg.evaluation.threshold  # as the pipeline evaluated it
+            replies = list(pool.map(lambda ex: ask(url, ex, tau), examples))
+    print(f"\n{'question':<40}{'answer':<22}{'expected':<22}ok")
+    for ex, r in list(zip(examples, replies, strict=True))[:16]:
+        ok = "✓" if r["answer"] == ex.answer else "✗"
+        print(f"{ex.prompt[:39]:<40}{r['answer'][:21]:<22}{ex.answer[:21]:<22}{ok}")
+    if n > 16:
+        print(f"… and {n - 16} more")
+    scores = tasks.score(examples, [r["answer"] for r in replies])
+    kinds = ", ".join(f"{k.split('/')[1]} {v:.0%}" for k, v in scores.items() if "/" in k)
+    tpf = sum(r["tokens"] for r in replies) / max(sum(r["forwards"] for r in replies), 1)
+    print(f"\nserved model: exact match {scores['accuracy']:.0%} of {n} held-out questions "
+          f"({kinds}); {tpf:.2f} tokens per forward")  # fmt: skip
+    print(f"task settings: {tasks.describe(cfg.data.task)}")
+    return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
-    parser.add_argument("--questions", type=int, default=16)
+    parser.add_argument("--questions", type=int, default=64)
     args = parser.parse_args()
     started = time.monotonic()
-    config = local_config(Path(args.config))
-    cfg = load_config(config)
-    os.environ.update(stack.RAY_ENV)
+    config, cfg = local_config(Path(args.config))
+    os.environ.update(local_stack.RAY_ENV)
+    logs = REPO / "runs" / "demo-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    job_log = logs / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
 
-    print(f"== llada-ray demo: pipeline {cfg.name!r} ({config})", flush=True)
-    with stack.ray_head(num_cpus=os.cpu_count() or 2) as head:
+    print(f"== llada-ray demo: pipeline {cfg.name!r} ({config.relative_to(REPO)})", flush=True)
+    with local_stack.ray_head(num_cpus=os.cpu_count() or 2) as head:
         print(f"== Ray head {head.address}, dashboard {head.dashboard_url}", flush=True)
-        submit = [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            head.dashboard_url,
-            "--working-dir",
-            str(REPO),
-            "--runtime-env",
-            str(REPO / "cluster/runtime_env.yaml"),
-            "--",
-            sys.executable,  # the head is this machine: the job runs in this environment
-            "jobs/pipeline.py",
-            "--config",
-            str(config),
-        ]
-        print("== " + " ".join(submit[1:]), flush=True)
-        if subprocess.run(submit, cwd=REPO).returncode != 0:
-            print("the pipeline job failed; its log is above", file=sys.stderr)
+        print(f"== the job's full log (Ray's own output included): {job_log}", flush=True)
+        client = JobSubmissionClient(head.dashboard_url)
+        logging.getLogger("ray").setLevel(logging.ERROR)  # packaging chatter of the job upload
+        runtime_env = yaml.safe_load((REPO / "cluster/runtime_env.yaml").read_text())
+        job = client.submit_job(
+            # The head is this machine: the job runs in this environment's python.
+            entrypoint=f"{sys.executable} jobs/pipeline.py --config {config}",
+            runtime_env={**runtime_env, "working_dir": str(REPO)},
+        )
+        console = Console(job_log)
+        try:
+            asyncio.run(follow(client, job, console))
+        finally:
+            console.close()
+        if client.get_job_status(job) != JobStatus.SUCCEEDED:
+            print(f"the pipeline job failed: see {job_log}", file=sys.stderr)
             return 1
         fs, run_root = pipeline_root(cfg)
         committed = manifests.read_all(fs, run_root)
         export = uri_of(fs, committed["export"]["output"])
-        accuracy = committed["export"]["summary"].get("task_accuracy", {})
-
-        port = stack.free_port()
-        serve_log = Path(tempfile.mkdtemp(prefix="llada-demo-serve-")) / "serve.log"
-        cmd = [
-            str(BIN / "llada-ray"),
-            "serve",
-            export,
-            "--address",
-            head.address,
-            "--port",
-            str(port),
-            "--name",
-            "demo",
-        ]
-        with stack.process_group(cmd, serve_log, {}) as proc:
-            url = f"http://127.0.0.1:{port}"
-            while not _healthy(url):
-                if proc.poll() is not None:
-                    print(serve_log.read_text(), file=sys.stderr)
-                    return 1
-                time.sleep(0.5)
-            print(f"== serving {export} at {url}/v1", flush=True)
-            examples = tasks.examples(cfg.evaluation.seed + 1, 0, args.questions)
-            with ThreadPoolExecutor(8) as pool:
-                replies = list(pool.map(lambda ex: ask(url, "llada-ray", ex), examples))
-        print(f"\n{'question':<44}{'answer':<24}{'expected':<24}ok")
-        for ex, r in zip(examples, replies, strict=True):
-            print(
-                f"{ex.prompt[:43]:<44}{r['answer'][:23]:<24}{ex.answer[:23]:<24}"
-                f"{'✓' if r['answer'] == ex.answer else '✗'}"
-            )
-        hits = sum(r["answer"] == ex.answer for ex, r in zip(examples, replies, strict=True))
-        similar = tasks.score(examples, [r["answer"] for r in replies])["similarity"]
-        tpf = sum(r["tpf"] for r in replies) / len(replies)
-        print(
-            f"\naccuracy {hits}/{len(examples)} = {hits / len(examples):.0%}, answer similarity "
-            f"{similar:.0%}, mean tokens per forward {tpf:.2f}"
-        )
-        if accuracy:
-            print(
-                "pipeline evaluation, exact match / answer similarity by stage: "
-                + ", ".join(
-                    f"{s} {a['accuracy']:.0%} / {a.get('similarity', 0):.0%}"
-                    for s, a in accuracy.items()
-                )
-            )
+        if serve_and_ask(head, export, cfg, args.questions):
+            return 1
+    registered = committed["export"].get("summary", {}).get("registered")
     print(f"\n== done in {(time.monotonic() - started) / 60:.1f} min. Where to look:")
     print(f"  stages:  .venv/bin/llada-ray status {config}")
     print(f"  models:  {uri_of(fs, run_root)} (export: {export})")
     print(f"  MLflow:  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking.uri}")
-    print("  serve:   .venv/bin/llada-ray serve " + export)
-    print(f"  lineage: {json.dumps(committed['export'].get('summary', {}).get('registered'))}")
+    print(f"  serve:   .venv/bin/llada-ray serve {export}")
+    print(f"  job log: {job_log}")
+    print(f"  lineage: {json.dumps(registered)}")
     return 0
 
 
