@@ -1,15 +1,21 @@
-"""Decoding speed and accuracy on the verifiable task: the AR baseline against block diffusion.
+"""Decoding accuracy and speed on the verifiable task: block diffusion against the fair AR baseline.
 
 Models: the tiny default (configs/tiny.yaml) trained through the pipeline with Ray Train on this
 machine, in the pipeline's own storage (runs/, as `make demo` leaves it): after `make demo`
 nothing is trained again; otherwise the pipeline runs first (committed stages are skipped).
 
-Decoders, all over the same batch machinery and forward path, on held-out task examples decoded
-in batches: AR with a KV cache on the pre-conversion model (prompted with the raw task text it was
-trained on), HF `generate()` on the same model (a second reference), block diffusion after SFT
-without cache (τ 0.95), with cache at τ 0.95 / 0.9 / 0.8, and after CAP with cache at the same τ
-(chat prompts). tokens/s = generated tokens / wall time; TPF = generated tokens / forwards;
-seconds per forward ≈ the cost of one batched model call (wall time × batch / forwards).
+Every row is `llada_ray.evaluation.evaluate` (the pipeline's and the demo's loop) on the same
+held-out examples of the training settings, greedy, all decoders over the same batch machinery
+and forward path:
+  - `ar_sft`: the AR baseline (the AR parent fine-tuned on the SFT rows), AR decoder, KV cache;
+    HF `generate()` on the same weights as a library reference (batch 1);
+  - `ar_pretrain`: the AR parent, AR decoder; `merge`: the diffusion model before post-training;
+  - `sft`, `cap`, `dpo` (the final, served model): block decoder with cache, block 32, τ swept;
+    `sft` also without cache (the cache's reference).
+The operating point of a model is the fastest τ whose accuracy is within 1 point of the AR
+baseline's (or better). Speed: tokens/s of the final model at its operating point against the AR
+baseline, both with their KV cache, at batch 1 and batch 16. TPF = generated tokens / the
+forwards each request needed.
 
     python bench/decode.py [--quick]   → bench/results/decode.json, decode.png and a table
 """
@@ -27,8 +33,8 @@ import torch
 
 from llada_ray.config import PipelineConfig, load_config
 from llada_ray.data import tasks
-from llada_ray.data.chat import prompt_ids
-from llada_ray.decoding import ARDecoder, BlockDecoder, Decoder, Sampling
+from llada_ray.decoding import ARDecoder, BlockDecoder, Sampling
+from llada_ray.evaluation import TaskEval, evaluate, task_prompts
 from llada_ray.model import DiffusionLM, load_model
 from llada_ray.pipeline.scheduler import run_pipeline
 from llada_ray.train.plan import find_unit
@@ -36,220 +42,229 @@ from llada_ray.train.run import output_of, pipeline_root
 
 ROOT = Path(__file__).resolve().parent.parent
 EVAL_SEED = 99  # task examples no stage trained on
+TAUS = (0.95, 0.9, 0.8, 0.7)
+MAX_NEW = 32
+MODELS = ("ar_pretrain", "merge", "sft", "cap", "dpo", "ar_sft")
 
 
 def trained(cfg: PipelineConfig) -> dict[str, Path]:
-    """Run (or reuse) the pipeline; the model directories of AR, merge (before SFT), SFT, CAP."""
+    """Run (or reuse) the pipeline; the model directory of each run we decode with."""
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         run_pipeline(cfg, say=lambda line: print(line, flush=True))
     finally:
         ray.shutdown()
     fs, root = pipeline_root(cfg)
-    out = {}
-    for name in ("ar_pretrain", "merge", "sft", "cap"):
-        fetched = output_of(fs, root, find_unit(cfg, name))
-        out[name] = Path(fetched.local)
-    return out
+    return {name: Path(output_of(fs, root, find_unit(cfg, name)).local) for name in MODELS}
 
 
-def bench_config() -> PipelineConfig:
-    return load_config(ROOT / "configs" / "tiny.yaml").anchored(ROOT)
-
-
-def evaluate(
-    decoder: Decoder,
-    prompts: list[list[int]],
-    examples: list[tasks.Example],
-    decode_text,
-    sampling: Sampling,
-    batch: int,
-) -> dict:
-    answers, tokens, forwards = [], 0, 0
-    started = time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        for g in decoder.generate(prompts[i : i + batch], sampling):
-            answers.append(decode_text(g.tokens))
-            tokens += len(g.tokens)
-            forwards += g.forwards
-    seconds = time.perf_counter() - started
-    scores = tasks.score(examples, answers)
-    return {
-        "accuracy": scores["accuracy"],
-        "similarity": scores["similarity"],
-        "per_task": {k.split("/")[1]: v for k, v in scores.items() if "/" in k},
-        "tokens": tokens,
-        "forwards": forwards,
-        "tokens_per_forward": tokens / max(forwards, 1),
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds,
-        # What a forward costs: on CPU a block of B tokens costs far more than one token, on a
-        # GPU (memory-bound decoding) about the same. tokens/s = TPF / seconds_per_forward.
-        "seconds_per_forward": seconds / max(forwards, 1) * batch,
-    }
-
-
-def hf_generate(model, prompts: list[list[int]], eos: int, max_new: int, decode_text, examples):
-    """HF generate() one prompt at a time (no padding questions): the library reference."""
+def hf_generate(model, tok, examples: list[tasks.Example]) -> dict:
+    """HF generate() one prompt at a time: the library's reference for the AR decoder."""
     answers, tokens = [], 0
     started = time.perf_counter()
-    for p in prompts:
+    for prompt in task_prompts(tok, examples):
         out = model.generate(
-            torch.tensor([p]),
-            attention_mask=torch.ones(1, len(p), dtype=torch.long),
-            max_new_tokens=max_new,
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=MAX_NEW,
             do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )[0, len(p) :].tolist()
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.eos_token_id,
+            suppress_tokens=[tok.mask_token_id],
+        )[0, len(prompt) :].tolist()
         tokens += len(out)
-        answers.append(decode_text(out))
+        answers.append(tok.decode(out, skip_special_tokens=True).strip())
     seconds = time.perf_counter() - started
-    scores = tasks.score(examples, answers)
-    return {
-        "accuracy": scores["accuracy"],
-        "similarity": scores["similarity"],
-        "tokens": tokens,
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds,
-        "batch": 1,
-    }
+    return {"accuracy": tasks.score(examples, answers)["accuracy"], "tokens": tokens,
+            "seconds": seconds, "tokens_per_s": tokens / seconds, "batch_size": 1}  # fmt: skip
+
+
+def row(result: TaskEval) -> dict:
+    return result.summary()
+
+
+def operating_point(rows: dict[str, dict], model: str, ar_accuracy: float) -> float | None:
+    """The fastest τ (most tokens per forward) whose accuracy is within 1 point of AR's."""
+    ok = [
+        (r["tokens_per_forward"], tau)
+        for tau in TAUS
+        if (r := rows[f"{model}_t{tau}"])["accuracy"] >= ar_accuracy - 0.01
+    ]
+    return max(ok)[1] if ok else None
+
+
+def most_accurate(rows: dict[str, dict], model: str) -> float:
+    """The τ of the best accuracy (the fastest among equals): where no τ reaches AR's."""
+    return max(TAUS, key=lambda t: (rows[f"{model}_t{t}"]["accuracy"],
+                                    rows[f"{model}_t{t}"]["tokens_per_forward"]))  # fmt: skip
+
+
+def target(value: float | None, goal: float | None, note: str = "", higher: bool = True) -> dict:
+    met = None if value is None or goal is None else (value >= goal if higher else value <= goal)
+    out = {"value": value, "goal": goal, "higher_is_better": higher, "met": met}
+    return out | ({"note": note} if note else {})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32 examples instead of 128")
+    parser.add_argument("--quick", action="store_true", help="64 examples instead of 256")
     parser.add_argument("--batch", type=int, default=16, help="requests decoded together")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    n = 32 if args.quick else 128
+    n = 64 if args.quick else 256
 
-    cfg = bench_config()
+    cfg = load_config(ROOT / "configs" / "tiny.yaml").anchored(ROOT)
     models = trained(cfg)
-    examples = tasks.examples(EVAL_SEED, 0, n)
+    examples = tasks.examples(EVAL_SEED, 0, n, cfg.data.task)
     block = find_unit(cfg, "sft").block_size
-    max_new = 32
     results: dict[str, dict] = {}
+    loaded = {name: load_model(path) for name, path in models.items()}
 
-    hf, tok = load_model(models["ar_pretrain"])
-    eos = tok.eos_token_id
+    def dlm(name: str) -> tuple[DiffusionLM, object]:
+        hf, tok = loaded[name]
+        return DiffusionLM(hf), tok
 
-    def text(ids: list[int]) -> str:
-        return tok.decode(ids, skip_special_tokens=True).strip()
-
-    raw_prompts = [tok(ex.prompt, add_special_tokens=False)["input_ids"] for ex in examples]
-    greedy = Sampling(max_new_tokens=max_new)
-    results["hf_generate"] = hf_generate(hf, raw_prompts, eos, max_new, text, examples)
-    ar = ARDecoder(DiffusionLM(hf), eos)
-    results["ar_cached"] = evaluate(ar, raw_prompts, examples, text, greedy, args.batch)
-
-    for stage in ("merge", "sft", "cap"):
-        hf, tok = load_model(models[stage])
-        dlm = DiffusionLM(hf)
-        chats = [prompt_ids(tok, [{"role": "user", "content": ex.prompt}]) for ex in examples]
-        if stage == "sft":
-            plain = BlockDecoder(dlm, eos, block, use_cache=False)
-            results["bd_sft_nocache_t0.95"] = evaluate(
-                plain, chats, examples, text, Sampling(0.95, max_new_tokens=max_new), args.batch
-            )
-        cached = BlockDecoder(dlm, eos, block)
-        for tau in (0.95, 0.9, 0.8) if stage != "merge" else (0.9,):  # merge: before SFT
-            results[f"bd_{stage}_cached_t{tau}"] = evaluate(
-                cached, chats, examples, text, Sampling(tau, max_new_tokens=max_new), args.batch
-            )
-
-    ar_rate, ar_acc = results["ar_cached"]["tokens_per_s"], results["ar_cached"]["accuracy"]
-    sft, cap = results["bd_sft_cached_t0.95"], results["bd_cap_cached_t0.95"]
-    best = max(
-        (
-            r
-            for k, r in results.items()
-            if k.startswith("bd_") and "cached" in k and abs(r["accuracy"] - ar_acc) <= 0.01
-        ),
-        key=lambda r: r["tokens_per_s"],
-        default=None,
+    ar_model, tok = dlm("ar_sft")
+    greedy = Sampling(max_new_tokens=MAX_NEW)
+    ar = ARDecoder(ar_model, tok.eos_token_id)
+    results["ar_sft"] = row(evaluate(ar, tok, examples, greedy, args.batch))
+    plain_hf, _ = load_model(models["ar_sft"])  # its own copy: DiffusionLM sets our attention
+    results["hf_generate_ar_sft"] = hf_generate(plain_hf, tok, examples)
+    model, tok = dlm("ar_pretrain")  # the AR parent
+    results["ar_pretrain"] = row(evaluate(ARDecoder(model, tok.eos_token_id), tok, examples,
+                                          greedy, args.batch))  # fmt: skip
+    model, tok = dlm("merge")  # the diffusion model before post-training
+    sampling = Sampling(0.9, max_new_tokens=MAX_NEW)
+    results["merge_t0.9"] = row(
+        evaluate(BlockDecoder(model, tok.eos_token_id, block), tok, examples, sampling, args.batch)
     )
-    # Equal accuracy means something only where the AR baseline gets some answers right.
-    meaningful = ar_acc >= 0.05
-    speedup_equal = best["tokens_per_s"] / ar_rate if best is not None and meaningful else None
+    for name in ("sft", "cap", "dpo"):
+        model, tok = dlm(name)
+        cached = BlockDecoder(model, tok.eos_token_id, block)
+        for tau in TAUS:
+            sampling = Sampling(tau, max_new_tokens=MAX_NEW)
+            results[f"{name}_t{tau}"] = row(evaluate(cached, tok, examples, sampling, args.batch))
+    model, tok = dlm("sft")
+    plain = BlockDecoder(model, tok.eos_token_id, block, use_cache=False)
+    results["sft_nocache_t0.9"] = row(
+        evaluate(plain, tok, examples, Sampling(0.9, max_new_tokens=MAX_NEW), args.batch)
+    )
+
+    ar_acc = results["ar_sft"]["accuracy"]
+    op = {name: operating_point(results, name, ar_acc) for name in ("sft", "cap", "dpo")}
+    final_tau = op["dpo"] if op["dpo"] is not None else most_accurate(results, "dpo")
+    model, tok = dlm("dpo")
+    final = BlockDecoder(model, tok.eos_token_id, block)
+    final_sampling = Sampling(final_tau, max_new_tokens=MAX_NEW)
+    # Speed: each side timed 3 times, interleaved, the fastest kept (this machine's timing
+    # wanders by ±20 % between runs); the tokens are the same every time.
+    speed: dict[str, dict] = {}
+    for _ in range(3):
+        for name, decoder, sampling, batch in (
+            ("ar_sft", ar, greedy, args.batch),
+            (f"dpo_t{final_tau}", final, final_sampling, args.batch),
+            ("ar_sft_b1", ar, greedy, 1),
+            (f"dpo_t{final_tau}_b1", final, final_sampling, 1),
+        ):
+            timed = row(evaluate(decoder, tok, examples, sampling, batch))
+            if name not in speed or timed["seconds"] < speed[name]["seconds"]:
+                speed[name] = timed
+    results |= speed
+    final_row = results[f"dpo_t{final_tau}"]
+    cap_tau = op["cap"] if op["cap"] is not None else most_accurate(results, "cap")
+    cap_row = results[f"cap_t{cap_tau}"]
+    sft_same = results[f"sft_t{cap_tau}"]
+    speed_b1 = (
+        results[f"dpo_t{final_tau}_b1"]["tokens_per_s"] / results["ar_sft_b1"]["tokens_per_s"]
+    )
+    speed_b16 = final_row["tokens_per_s"] / results["ar_sft"]["tokens_per_s"]
+    worst_kind = min(final_row["per_task"].values())
+    cap_gain = cap_row["tokens_per_forward"] / sft_same["tokens_per_forward"] - 1
+    cap_loss = sft_same["accuracy"] - cap_row["accuracy"]
+    no_op = f"no τ within 1 pt of AR: the most accurate, τ {final_tau}"
+    no_op = "" if op["dpo"] is not None else no_op
+    # What one forward costs at batch 1 (tokens/s = TPF / seconds per forward).
+    ms_ar = 1000 * results["ar_sft_b1"]["seconds"] / results["ar_sft_b1"]["forwards"]
+    b1 = results[f"dpo_t{final_tau}_b1"]
+    ms_bd = 1000 * b1["seconds"] / b1["forwards"]
     targets = {
-        "bd_cached_vs_ar_cached_tokens_per_s_at_equal_accuracy": {
-            "value": speedup_equal,
-            "goal": 3.0,
-            "higher_is_better": True,
-            "met": speedup_equal is not None and speedup_equal >= 3.0,
-            "note": "fastest BD-cached setting within ±1 pt of AR-cached accuracy; None if "
-            "none is, or if AR accuracy < 5% (equal-at-zero says nothing)",
-        },
-        "bd_cached_vs_ar_cached_tokens_per_s_at_tau_0.95": {
-            "value": sft["tokens_per_s"] / ar_rate,
-            "goal": 3.0,
-            "higher_is_better": True,
-            "met": sft["tokens_per_s"] / ar_rate >= 3.0,
-        },
-        "cache_speedup_vs_no_cache": {
-            "value": sft["tokens_per_s"] / results["bd_sft_nocache_t0.95"]["tokens_per_s"],
-            "goal": None,
-            "higher_is_better": True,
-            "met": None,
-            "note": "reported",
-        },
-        "cap_tpf_gain": {
-            "value": cap["tokens_per_forward"] / sft["tokens_per_forward"] - 1,
-            "goal": 0.30,
-            "higher_is_better": True,
-            "met": cap["tokens_per_forward"] / sft["tokens_per_forward"] - 1 >= 0.30
-            and sft["accuracy"] - cap["accuracy"] <= 0.01,
-            "note": f"accuracy change {cap['accuracy'] - sft['accuracy']:+.3f} (goal ≥ -0.01)",
-        },
+        "final_exact_match": target(final_row["accuracy"], 0.60, f"dpo at τ {final_tau}"),
+        "final_worst_task_kind": target(worst_kind, 0.25, json.dumps(final_row["per_task"])),
+        "ar_baseline_exact_match": target(ar_acc, None, "reported"),
+        "bd_vs_ar_accuracy_at_operating_point": target(
+            final_row["accuracy"] - ar_acc, -0.01, no_op or f"τ {final_tau}"
+        ),
+        "cap_tpf_at_operating_point": target(
+            cap_row["tokens_per_forward"], 3.0, f"cap at τ {cap_tau}"
+        ),
+        "cap_vs_sft_tpf_gain_same_tau": target(
+            cap_gain, 0.30, f"τ {cap_tau}; accuracy change {-cap_loss:+.3f} (goal ≥ -0.01)"
+        ),
+        "cap_vs_sft_accuracy_loss": target(cap_loss, 0.01, f"τ {cap_tau}", higher=False),
+        "bd_vs_ar_tokens_per_s_batch1": target(
+            speed_b1,
+            2.0,
+            f"dpo at τ {final_tau}: a forward costs {ms_bd:.2f} ms (block of "
+            f"{block}) vs {ms_ar:.2f} ms (AR), TPF {b1['tokens_per_forward']:.2f}",
+        ),
+        "bd_vs_ar_tokens_per_s_batch16": target(
+            speed_b16,
+            1.0,
+            f"dpo at τ {final_tau}: {args.batch} × {block} query tokens per "
+            f"forward against {args.batch} × 1, on 2 CPU cores the cost grows with them",
+        ),
     }
     report = {
         "setup": {
-            "model": "tiny (configs/tiny.yaml)",
+            "model": "tiny (configs/tiny.yaml), after `make demo`",
+            "task_settings": tasks.describe(cfg.data.task),
             "examples": n,
+            "eval_seed": EVAL_SEED,
             "batch": args.batch,
             "block_size": block,
-            "max_new_tokens": max_new,
+            "max_new_tokens": MAX_NEW,
+            "taus": list(TAUS),
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "eval_seed": EVAL_SEED,
         },
+        "operating_points": op,
         "results": results,
         "targets": targets,
     }
     out = ROOT / "bench" / "results" / "decode.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(results, out.with_suffix(".png"))
-    print(
-        f"\n{'decoder':<24}{'accuracy':>9}{'similar':>9}{'TPF':>7}{'ms/fwd':>8}"
-        f"{'tokens/s':>10}{'× AR':>7}"
-    )
+    plot(results, ar_acc, out.with_suffix(".png"))
+    ar_rate = results["ar_sft"]["tokens_per_s"]
+    print(f"\ntask settings: {tasks.describe(cfg.data.task)}; {n} examples, seed {EVAL_SEED}")
+    print(f"{'decoder':<22}{'batch':>6}{'accuracy':>9}{'TPF':>7}{'tokens/s':>10}  per kind")
     for name, r in results.items():
         tpf = f"{r['tokens_per_forward']:.2f}" if "tokens_per_forward" in r else "-"
-        ms = f"{1000 * r['seconds_per_forward']:.1f}" if "seconds_per_forward" in r else "-"
+        kinds = " ".join(f"{k} {v:.2f}" for k, v in r.get("per_task", {}).items())
         print(
-            f"{name:<24}{r['accuracy']:>9.3f}{r['similarity']:>9.3f}{tpf:>7}{ms:>8}"
-            f"{r['tokens_per_s']:>10.1f}"
-            f"{r['tokens_per_s'] / ar_rate:>7.2f}"
+            f"{name:<22}{r['batch_size']:>6}{r['accuracy']:>9.3f}{tpf:>7}"
+            f"{r['tokens_per_s']:>10.1f}  {kinds}"
         )
+    print(f"operating points (τ within 1 pt of AR {ar_acc:.3f}): {op}; AR tokens/s {ar_rate:.1f}")
     for name, t in targets.items():
-        value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
+        value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         print(f"{name}: {value} (goal {t['goal']}) met {t['met']}")
     print(f"wrote {out.relative_to(ROOT)} and {out.with_suffix('.png').relative_to(ROOT)}")
 
 
-def plot(results: dict[str, dict], path: Path) -> None:
+def plot(results: dict[str, dict], ar_accuracy: float, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in results.items():
-        if "tokens_per_forward" in r:
-            ax.scatter(r["tokens_per_forward"], r["accuracy"], label=name)
+    for name in ("sft", "cap", "dpo"):
+        points = [results[f"{name}_t{tau}"] for tau in TAUS]
+        ax.plot([p["tokens_per_forward"] for p in points], [p["accuracy"] for p in points],
+                marker="o", label=f"{name} (τ {' → '.join(map(str, TAUS))})")  # fmt: skip
+    ax.axhline(ar_accuracy, color="grey", linestyle="--", label="AR baseline (ar_sft), TPF 1")
     ax.set_xlabel("tokens per forward")
-    ax.set_ylabel("accuracy (verifiable task)")
+    ax.set_ylabel("exact match (verifiable task)")
     ax.set_title("tiny model: accuracy vs parallelism")
     ax.legend(fontsize=7)
     fig.tight_layout()

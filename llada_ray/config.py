@@ -95,7 +95,7 @@ class TaskConfig(Strict):
     kinds: list[Literal["add", "reverse", "sort", "upper"]] = Field(
         ["add", "reverse", "sort", "upper"], min_length=1
     )
-    add_digits: IntRange = Field((1, 2), description="digits of each addend")
+    add_digits: IntRange = Field((1, 1), description="digits of each addend")
     sort_count: IntRange = Field((3, 4), description="how many numbers to sort")
     sort_max: PositiveInt = Field(9, description="numbers to sort are drawn from 0..sort_max")
     word_length: IntRange = Field((4, 5), description="letters per word (reverse, upper)")

@@ -13,6 +13,7 @@ import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from llada_ray.config import PipelineConfig
+from llada_ray.progress import parse
 from llada_ray.train import checkpoint
 from llada_ray.train.plan import find_unit
 from llada_ray.train.run import output_of, pipeline_root, run_path
@@ -68,6 +69,12 @@ def test_cpt_phase_scales_out_survives_a_lost_node_and_scales_back_in(tmp_path, 
         assert "cpt-b4" in logs and "trained" in logs
         final = output_of(fs, run_root, unit)
         assert final is not None and final.manifest["resumed_from"] >= 5  # not from scratch
+        # What a person sees of it (make demo shows only tagged lines): one "worker lost" line.
+        tagged = [parse(line) for line in logs.splitlines()]
+        resumed = {(t[1]["resumed_from"], t[1]["lost_worker"]) for t in tagged
+                   if t and t[0] == "progress" and "resumed_from" in t[1]}  # fmt: skip
+        assert (final.manifest["resumed_from"], True) in resumed
+        assert all(lost for _, lost in resumed)
         assert output_of(fs, run_root, find_unit(cfg, "cpt-b16")) is None  # only the phase asked
         assert len(seen) >= 2
 

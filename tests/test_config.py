@@ -25,6 +25,10 @@ def tiny() -> dict:
     return yaml.safe_load((Path(__file__).parent.parent / "configs" / "tiny.yaml").read_text())
 
 
+def stage(raw: dict, kind: str) -> dict:
+    return next(s for s in raw["stages"] if s["stage"] == kind)
+
+
 def cpt_index(raw: dict) -> int:
     return next(i for i, s in enumerate(raw["stages"]) if s["stage"] == "cpt")
 
@@ -42,7 +46,12 @@ def cpt_index(raw: dict) -> int:
         (lambda r: r["data"].update(seq_len="long"), "data.seq_len"),
         (lambda r: r["model"].update(attention_kernel="x"), "model.attention_kernel"),
         (lambda r: r["stages"].reverse(), "must appear at most once each, in the order"),
-        (lambda r: r["stages"][-1].update(beta=0), "beta"),
+        (lambda r: stage(r, "dpo").update(beta=0), "beta"),
+        (lambda r: r["stages"].remove(stage(r, "sft")), "ar_sft trains on the sft stage's rows"),
+        (lambda r: r["data"]["task"].update(word_length=[5, 3]), "word_length: lower bound 5"),
+        (lambda r: r["data"]["task"].update(sort_count=[1, 3]), "sort_count"),
+        (lambda r: r["data"]["task"].update(kinds=["add", "divide"]), "data.task.kinds"),
+        (lambda r: r["data"]["pretrain"][0].update(format="html"), "format"),
         (lambda r: r["stages"][cpt_index(r) + 1].update(top_k=9), "merge.top_k (9) exceeds"),
         (lambda r: r["stages"][0].update(eval_rows=0), "eval_rows"),
         (lambda r: r["model"].update(dtype="float16"), "float16 needs loss scaling"),

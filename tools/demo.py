@@ -177,7 +177,8 @@ def main() -> int:
         print(f"== Ray head {head.address}, dashboard {head.dashboard_url}", flush=True)
         print(f"== the job's full log (Ray's own output included): {job_log}", flush=True)
         client = JobSubmissionClient(head.dashboard_url)
-        logging.getLogger("ray").setLevel(logging.ERROR)  # packaging chatter of the job upload
+        for handler in logging.getLogger("ray").handlers:  # the job upload's packaging chatter
+            handler.setLevel(logging.ERROR)
         runtime_env = yaml.safe_load((REPO / "cluster/runtime_env.yaml").read_text())
         job = client.submit_job(
             # The head is this machine: the job runs in this environment's python.

@@ -143,7 +143,6 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str]) -> dict[str, di
     with the AR decoder)."""
     import torch
 
-    from llada_ray.data import tasks
     from llada_ray.decoding import ARDecoder, BlockDecoder, Sampling
     from llada_ray.evaluation import evaluate
     from llada_ray.model import DiffusionLM, load_model
