@@ -103,23 +103,13 @@ class TaskConfig(Strict):
 
     @field_validator("add_digits", "sort_count", "word_length", "upper_words")
     @classmethod
-    def _ordered(cls, bounds: tuple[int, int], info: ValidationInfo) -> tuple[int, int]:
-        if bounds[0] > bounds[1]:
-            raise ValueError(f"{info.field_name}: lower bound {bounds[0]} > upper {bounds[1]}")
-        return bounds
-
-    @field_validator("word_length")
-    @classmethod
-    def _reversible(cls, bounds: tuple[int, int]) -> tuple[int, int]:
-        if bounds[1] < 2:
-            raise ValueError("word_length: words of one letter read the same reversed")
-        return bounds
-
-    @field_validator("sort_count")
-    @classmethod
-    def _sortable(cls, bounds: tuple[int, int]) -> tuple[int, int]:
-        if bounds[0] < 2:
-            raise ValueError("sort_count: sorting needs at least 2 numbers")
+    def _bounds(cls, bounds: tuple[int, int], info: ValidationInfo) -> tuple[int, int]:
+        # A word of one letter reads the same reversed; sorting needs two numbers.
+        least = {"sort_count": 2, "word_length": 2}.get(info.field_name or "", 1)
+        if not least <= bounds[0] <= bounds[1]:
+            raise ValueError(
+                f"{info.field_name}: [{bounds[0]}, {bounds[1]}] needs {least} ≤ lower ≤ upper"
+            )
         return bounds
 
 

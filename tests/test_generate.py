@@ -47,6 +47,9 @@ def teacher(
     with torch.random.fork_rng():
         torch.manual_seed(1)
         head = torch.randn_like(model.lm_head.weight) * 0.2
+    # Special tokens get logit 0 against ~500 random ones: the greedy answer is text, never an
+    # immediate EOS (an empty response the job would skip).
+    head[tiny_tokenizer.all_special_ids] = 0.0
     model.lm_head.weight = torch.nn.Parameter(head)
     save_model(model, tiny_tokenizer, path)
     assert list(path.glob("*.safetensors"))
