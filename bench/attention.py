@@ -88,7 +88,7 @@ def attention_step(backend: str, cfg: PipelineConfig) -> Callable[[], None]:
     k = torch.randn(1, tiny.num_kv_heads, n, head_dim, requires_grad=True)
     v = torch.randn(1, tiny.num_kv_heads, n, head_dim, requires_grad=True)
     attention = MaskedAttention(layout, backend, cfg.model.attention_tile)
-    return lambda: attention(q, k, v, None).sum().backward()
+    return lambda: attention(q, k, v, None, 0).sum().backward()
 
 
 def attention_peak_mb(backend: str) -> float:

@@ -297,6 +297,19 @@ class TrackingConfig(Strict):
     model_alias: str = Field("candidate", description="alias set on each newly exported version")
 
 
+class DecodingConfig(Strict):
+    """How the static decode engine runs its steps (llada_ray/decoding/engine.py)."""
+
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="auto: CUDA graphs on CUDA, eager on CPU (compiling every bucket takes "
+        "minutes on a laptop's cores); on: torch.compile on any device (inductor on CPU)",
+    )
+    length_bucket: PositiveInt = Field(
+        256, description="a step attends to the KV cache up to the next multiple of this"
+    )
+
+
 class EvaluationConfig(Strict):
     """Task accuracy after each post-training stage, decoded as served (the tiny default)."""
 
@@ -307,6 +320,7 @@ class EvaluationConfig(Strict):
     threshold: Rate = 0.9
     max_new_tokens: PositiveInt = 32
     batch_size: PositiveInt = 16
+    decoding: DecodingConfig = DecodingConfig()
 
 
 class ScalingConfig(Strict):
@@ -447,6 +461,7 @@ class ServeConfig(Strict):
     threshold: Rate = Field(0.95, description="default τ (a request may set `threshold`)")
     min_accept: PositiveInt = 1
     use_cache: bool = True
+    decoding: DecodingConfig = DecodingConfig()
     temperature: Annotated[float, Field(ge=0, le=2)] = Field(0.0, description="default; 0 greedy")
     default_max_tokens: PositiveInt = 128
     max_tokens_limit: PositiveInt = Field(4096, description="larger requests are refused (400)")

@@ -116,7 +116,12 @@ def test_a_row_leaves_the_batch_at_the_step_its_answer_is_complete(dlm, tiny_tok
     prompts = [_prompts()[0], _prompts()[2]]  # 3 and 13 tokens: the short answer ends mid-block
     samplings = [Sampling(0.9, max_new_tokens=2), Sampling(0.9, max_new_tokens=30)]
     rows_per_forward: list[int] = []
-    hook = dlm.register_forward_pre_hook(lambda m, args: rows_per_forward.append(len(args[0])))
+
+    def count(module, args, kwargs):  # decoding steps only: the prefill asks for no logits
+        if kwargs["logits_for"]:
+            rows_per_forward.append(len(args[0]))
+
+    hook = dlm.register_forward_pre_hook(count, with_kwargs=True)
     try:
         short, long = BlockDecoder(dlm, eos, B).generate(prompts, samplings)
     finally:

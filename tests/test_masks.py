@@ -130,12 +130,12 @@ def test_all_paths_agree_forward_and_backward(mode: str, tile: int) -> None:
     results = {}
     for backend in ["eager", "dense", "block_sparse"]:
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = MaskedAttention(layout, backend, tile)(*leaves, None)
+        out = MaskedAttention(layout, backend, tile)(*leaves, None, 0)
         out.pow(2).sum().backward()
         results[backend] = (out.detach(), [x.grad for x in leaves])
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # eager flex warns that it is unfused; it is the CPU check
-        flex = MaskedAttention(layout, "flex", tile)(q.float(), k.float(), v.float(), None)
+        flex = MaskedAttention(layout, "flex", tile)(q.float(), k.float(), v.float(), None, 0)
     ref_out, ref_grads = results["eager"]
     for backend in ["dense", "block_sparse"]:
         out, grads = results[backend]

@@ -10,12 +10,15 @@ from collections.abc import Iterator
 
 import torch
 
-from llada_ray.decoding.batch import DecodeBatch, Decoder, StopCheck, left_padded
+from llada_ray.decoding.batch import Decoder, StopCheck
 from llada_ray.decoding.sampling import Generation, Sampling, choose
 
 
 class ARDecoder(Decoder):
-    """Greedy or sampled next-token decoding with a KV cache (`use_cache=False`: recompute)."""
+    """Greedy or sampled next-token decoding: one query per step, kept as context."""
+
+    def step_shapes(self) -> list[tuple[int, int, int]]:
+        return [(1, 1, 1)]
 
     @torch.no_grad()
     def stream(
@@ -29,11 +32,10 @@ class ARDecoder(Decoder):
         started = time.perf_counter()
         samplings, generators, out = self._start(prompts, sampling, seeds)
         R = len(prompts)
-        batch = DecodeBatch(self.dlm, R, self.use_cache)
+        batch = self._batch(R)
         device = batch.device
-        # The prompt but its last token is committed by the first forward, which the last token
-        # makes: prefill and first step are one call.
-        batch.commit(*left_padded([p[:-1] for p in prompts], [0] * R, self.eos, device))
+        # The prompt but its last token is context; the last one is the first step's query.
+        batch.prefill([p[:-1] for p in prompts], 1)
         ids = torch.tensor([[p[-1]] for p in prompts], device=device)
         index = torch.tensor([[len(p) - 1] for p in prompts], device=device)
         alive = list(range(R))

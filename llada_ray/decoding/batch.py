@@ -1,10 +1,13 @@
-"""The state both decoders share: a batch of requests over one model, its KV cache and its context.
+"""The state both decoders share: a batch of requests over one model and its context.
 
-Requests of different lengths decode together: their tokens are left-padded to a common width;
-padding is a document of its own (it attends only to padding, so it never produces NaN, and no
-real token attends to it), so a row decodes exactly as it would alone. Rows that finish are
-dropped from every tensor and from the cache, so a long request does not make the short ones of
-its batch pay for it.
+Two implementations with one interface (`prefill`, `commit`, `forward`, `select`):
+  - `CachedBatch`: the static-shape engine (engine.py): a preallocated KV cache, bucketed and
+    compiled steps. What the decoders run.
+  - `RecomputeBatch`: no cache; every forward recomputes the whole context, clean and
+    block-causal, eagerly, with the model's own attention backend. The reference the engine is
+    tested against (`use_cache=False`), and the benchmark's no-cache baseline.
+Rows that finish are dropped (`select`), so a long request does not make the short ones of its
+batch pay for it.
 """
 
 from __future__ import annotations
@@ -12,52 +15,106 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-from transformers import DynamicCache
 
+from llada_ray.decoding.engine import EngineOptions, StaticEngine
 from llada_ray.decoding.sampling import Generation, Sampling
 from llada_ray.diffusion.masks import AttentionLayout, Tokens
 from llada_ray.model.adapter import DiffusionLM
-from llada_ray.model.attention import MaskedAttention
 
 PAD_DOC, REAL_DOC = -1, 0
 
 
-def left_padded(
-    rows: list[list[int]], starts: list[int], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ids, absolute positions and documents [R, width] of rows placed from their `starts`."""
+def left_padded(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """ids, positions (from 0) and documents [R, width] of rows aligned on their last token.
+
+    Padding is a document of its own (it attends only to padding, so it never produces NaN, and
+    no real token attends to it), so a row decodes exactly as it would alone."""
     width = max(map(len, rows), default=0)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    ids = torch.zeros((len(rows), width), dtype=torch.long, device=device)
     index = torch.zeros_like(ids)
     doc = torch.full_like(ids, PAD_DOC)
-    for r, (row, start) in enumerate(zip(rows, starts, strict=True)):
+    for r, row in enumerate(rows):
         if row:
             ids[r, width - len(row) :] = torch.tensor(row, device=device)
-            index[r, width - len(row) :] = torch.arange(start, start + len(row), device=device)
+            index[r, width - len(row) :] = torch.arange(len(row), device=device)
             doc[r, width - len(row) :] = REAL_DOC
     return ids, index, doc
 
 
-class DecodeBatch:
-    """Committed context (in the KV cache, or recomputed every call without one) plus the
-    `pending` clean tokens that the next forward writes into the cache along with its queries:
-    committing a finished block costs no forward of its own."""
+class CachedBatch:
+    """A batch on the static engine. Each row's context is its positions [0, context): committed
+    clean tokens in the cache. `commit` holds clean tokens back until the next forward, which
+    writes them along with its queries (committing a finished block costs no forward of its
+    own); the queries' keys and values are written at their positions too, and overwritten by
+    the next step unless `keep` made them context (AR decoding)."""
 
-    def __init__(self, dlm: DiffusionLM, rows: int, use_cache: bool) -> None:
+    def __init__(self, engine: StaticEngine, rows: int) -> None:
+        if rows > engine.max_batch:
+            raise ValueError(f"a batch of {rows} requests exceeds max_batch {engine.max_batch}")
+        self.engine = engine
+        self.device = engine.device
+        self.context = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, positions)
+
+    def prefill(self, prompts: list[list[int]], block_size: int) -> None:
+        """The prompts' first tokens (whole blocks) as context."""
+        self.engine.prefill(prompts, block_size)
+        self.context = torch.tensor([len(p) for p in prompts], device=self.device)
+
+    def commit(self, ids: torch.Tensor, index: torch.Tensor) -> None:
+        """Clean tokens right after each row's context, written by the next forward."""
+        self.pending = (ids, index)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        index: torch.Tensor,
+        block_size: int,
+        *,
+        clean: bool,
+        keep: bool = False,
+    ) -> torch.Tensor:
+        """Logits [R, n, V] of `ids` at positions `index` (a run per row that starts where the
+        context, pending tokens included, ends)."""
+        n = ids.shape[1]
+        flags = torch.full_like(ids, clean, dtype=torch.bool)
+        if self.pending is not None:  # after the queries: their logits are the first n
+            p_ids, p_index = self.pending
+            ids, index = torch.cat([ids, p_ids], 1), torch.cat([index, p_index], 1)
+            flags = torch.cat([flags, torch.ones_like(self.pending[0], dtype=torch.bool)], 1)
+        logits = self.engine.step(ids, index, flags, self.context, block_size, n)
+        if self.pending is not None:
+            self.context = self.pending[1][:, -1] + 1
+            self.pending = None
+        if keep:
+            self.context = index[:, n - 1] + 1
+        return logits
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these working rows (increasing indices into the current batch)."""
+        self.engine.cache.keep(rows)
+        self.context = self.context[rows]
+        if self.pending is not None:
+            self.pending = (self.pending[0][rows], self.pending[1][rows])
+
+
+class RecomputeBatch:
+    """The reference: committed context kept as tokens, recomputed by every forward (left-padded
+    to a common width, so every row decodes as it would alone)."""
+
+    def __init__(self, dlm: DiffusionLM, rows: int) -> None:
         self.dlm = dlm
         self.device = next(dlm.parameters()).device
-        self.cache = DynamicCache() if use_cache else None
         empty = torch.zeros((rows, 0), dtype=torch.long, device=self.device)
         self.context = (empty, empty, empty)  # ids, index, doc of tokens already committed
-        self.pending = (empty, empty, empty)
-        # The attention of the last forward that left the context as it was (a block's steps
-        # after its first): the same queries and keys until the next commit or row selection.
-        self._reusable: tuple[tuple, MaskedAttention] | None = None
 
-    def commit(self, ids: torch.Tensor, index: torch.Tensor, doc: torch.Tensor) -> None:
-        """Clean tokens that become context with the next forward."""
-        self.pending = tuple(
-            torch.cat([p, x], 1) for p, x in zip(self.pending, (ids, index, doc), strict=True)
+    def prefill(self, prompts: list[list[int]], block_size: int) -> None:
+        self.context = left_padded(prompts, self.device)
+
+    def commit(self, ids: torch.Tensor, index: torch.Tensor) -> None:
+        doc = torch.full_like(ids, REAL_DOC)
+        self.context = tuple(
+            torch.cat([c, x], 1) for c, x in zip(self.context, (ids, index, doc), strict=True)
         )
 
     def forward(
@@ -69,55 +126,19 @@ class DecodeBatch:
         clean: bool,
         keep: bool = False,
     ) -> torch.Tensor:
-        """Logits [R, n, V] of `ids` at absolute positions `index` against the context.
-
-        The pending tokens join the context. The queries join it too if `keep` (AR decoding);
-        otherwise they are dropped from the cache again: a block under denoising changes every step.
-        """
-        doc = torch.full_like(ids, REAL_DOC)
         ctx_ids, ctx_index, ctx_doc = self.context
-        p_ids, p_index, p_doc = self.pending
-        changes_context = keep or p_ids.shape[1] > 0
-        key = (ids.shape, clean, block_size)
-        if self.cache is None:  # recompute the whole committed context, clean and block-causal
-            inputs = torch.cat([ctx_ids, p_ids, ids], 1)
-        else:
-            inputs = torch.cat([p_ids, ids], 1)
-        if self._reusable is not None and self._reusable[0] == key and not changes_context:
-            attention = self._reusable[1]
-        else:
-            clean_flags = torch.cat([torch.ones_like(p_ids), torch.full_like(ids, int(clean))], 1)
-            new = Tokens(
-                torch.cat([p_index, index], 1), clean_flags.bool(), torch.cat([p_doc, doc], 1)
-            )
-            past = Tokens(ctx_index, torch.ones_like(ctx_ids, dtype=torch.bool), ctx_doc)
-            keys = past.cat(new)
-            queries = keys if self.cache is None else new
-            attention = self.dlm.prepare(AttentionLayout(queries, keys, block_size))
-            self._reusable = None if changes_context else (key, attention)
-        positions = torch.cat([ctx_index, p_index, index], 1)[:, -inputs.shape[1] :]
-        logits = self.dlm(inputs, attention, positions, cache=self.cache)
-        if self.cache is not None and not keep:
-            self.cache.crop(-ids.shape[1])  # a negative count: tokens to drop from the end
-        if changes_context:
-            joined = [self.pending, (ids, index, doc)] if keep else [self.pending]
-            self.context = tuple(
-                torch.cat([c, *(part[j] for part in joined)], 1) for j, c in enumerate(self.context)
-            )
-            self.pending = tuple(x[:, :0] for x in self.pending)
+        doc = torch.full_like(ids, REAL_DOC)
+        keys = Tokens(ctx_index, torch.ones_like(ctx_ids, dtype=torch.bool), ctx_doc).cat(
+            Tokens(index, torch.full_like(ids, clean, dtype=torch.bool), doc)
+        )
+        inputs = torch.cat([ctx_ids, ids], 1)
+        logits = self.dlm(inputs, AttentionLayout(keys, keys, block_size), keys.index)
+        if keep:
+            self.commit(ids, index)
         return logits[:, -ids.shape[1] :]
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep only these working rows (indices into the current batch)."""
         self.context = tuple(x[rows] for x in self.context)
-        self.pending = tuple(x[rows] for x in self.pending)
-        self._reusable = None
-        if self.cache is not None:
-            # Not cache.batch_select_indices: it skips layers holding no tokens yet (prompts
-            # shorter than a block), which keep the old batch size.
-            for layer in self.cache.layers:
-                if layer.is_initialized:
-                    layer.keys, layer.values = layer.keys[rows], layer.values[rows]
 
 
 StopCheck = Callable[[int, list[int]], bool]  # (request index, tokens so far) → finished?
@@ -132,10 +153,30 @@ class Decoder:
         eos_token_id: int,
         use_cache: bool = True,
         max_length: int | None = None,
+        engine: EngineOptions | None = None,
     ) -> None:
+        """`use_cache=False`: the uncompiled recompute reference instead of the static engine
+        (a KV cache for `engine.max_batch` rows of `max_length` positions)."""
         self.dlm, self.eos, self.use_cache = dlm.eval(), eos_token_id, use_cache
         self.mask = dlm.mask_token_id
         self.max_length: int = max_length or dlm.hf.config.max_position_embeddings
+        self.engine = (
+            StaticEngine(dlm, self.max_length, engine or EngineOptions()) if use_cache else None
+        )
+
+    def step_shapes(self) -> list[tuple[int, int, int]]:
+        """(queries, block size, logits) of every step this decoder runs."""
+        raise NotImplementedError
+
+    def warm_up(self, rows: list[int] | None = None) -> None:
+        """Compile every shape this decoder can meet (for these batch buckets; default all)."""
+        if self.engine is not None:
+            self.engine.warm_up(self.step_shapes(), rows)
+
+    def _batch(self, rows: int) -> CachedBatch | RecomputeBatch:
+        if self.engine is None:
+            return RecomputeBatch(self.dlm, rows)
+        return CachedBatch(self.engine, rows)
 
     def positions_needed(self, prompt_length: int, max_new_tokens: int) -> int:
         return prompt_length + max_new_tokens

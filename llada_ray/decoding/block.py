@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 import torch
 
-from llada_ray.decoding.batch import REAL_DOC, DecodeBatch, Decoder, StopCheck, left_padded
+from llada_ray.decoding.batch import Decoder, StopCheck
+from llada_ray.decoding.engine import EngineOptions
 from llada_ray.decoding.sampling import Generation, Sampling, choose
 from llada_ray.model.adapter import DiffusionLM
 
@@ -32,9 +33,15 @@ class BlockDecoder(Decoder):
         block_size: int = 32,
         use_cache: bool = True,
         max_length: int | None = None,
+        engine: EngineOptions | None = None,
     ) -> None:
-        super().__init__(dlm, eos_token_id, use_cache, max_length)
+        super().__init__(dlm, eos_token_id, use_cache, max_length, engine)
         self.block_size = block_size
+
+    def step_shapes(self) -> list[tuple[int, int, int]]:
+        """A block alone, and a block with the previous one committing along."""
+        B = self.block_size
+        return [(B, B, B), (2 * B, B, B)]
 
     def positions_needed(self, prompt_length: int, max_new_tokens: int) -> int:
         """The last block is decoded whole, so the end rounds up to a block boundary."""
@@ -75,11 +82,10 @@ class BlockDecoder(Decoder):
         started = time.perf_counter()
         samplings, generators, out = self._start(prompts, sampling, seeds)
         B, R = self.block_size, len(prompts)
-        batch = DecodeBatch(self.dlm, R, self.use_cache)
+        batch = self._batch(R)
         device = batch.device
         starts = [len(p) // B * B for p in prompts]
-        heads = [p[:s] for p, s in zip(prompts, starts, strict=True)]
-        batch.commit(*left_padded(heads, [0] * R, self.eos, device))
+        batch.prefill([p[:s] for p, s in zip(prompts, starts, strict=True)], B)
         blocks = torch.full((R, B), self.mask, dtype=torch.long, device=device)
         for r, (p, s) in enumerate(zip(prompts, starts, strict=True)):
             blocks[r, : len(p) - s] = torch.tensor(p[s:], device=device)
@@ -103,6 +109,7 @@ class BlockDecoder(Decoder):
                 [samplings[r].max_new_tokens - len(out[r].tokens) for r in alive], device=device
             )
             thresholds = torch.tensor([samplings[r].threshold for r in alive], device=device)
+            min_accept = torch.tensor([samplings[r].min_accept for r in alive], device=device)
             while True:
                 open_, ends = self._open(blocks, given, wanted)
                 running = open_.any(-1)
@@ -114,8 +121,8 @@ class BlockDecoder(Decoder):
                                      None, now)  # fmt: skip
                     keep = (~done).nonzero().flatten()
                     keep_rows(keep.tolist())
-                    index, given, wanted, thresholds = (
-                        x[keep] for x in (index, given, wanted, thresholds)
+                    index, given, wanted, thresholds, min_accept = (
+                        x[keep] for x in (index, given, wanted, thresholds, min_accept)
                     )
                     open_, running = open_[keep], running[keep]
                 if not running.any():
@@ -128,13 +135,15 @@ class BlockDecoder(Decoder):
                 )
                 confidence = confidence.masked_fill(~open_, -1.0)
                 accept = (confidence > thresholds[:, None]) & open_
+                # At least min_accept per row (as many as are open): its most confident.
+                need = torch.minimum(min_accept, open_.sum(-1))
+                if (short := accept.sum(-1) < need).any():
+                    ranked = confidence.topk(int(need.max()), -1).indices
+                    wanted_rank = torch.arange(ranked.shape[1], device=device) < need[:, None]
+                    forced = torch.zeros_like(accept).scatter_(1, ranked, wanted_rank)
+                    accept |= forced & short[:, None]
                 for w, r in enumerate(alive):
-                    if not active[w]:
-                        continue
-                    out[r].forwards += 1
-                    need = min(samplings[r].min_accept, int(open_[w].sum()))
-                    if int(accept[w].sum()) < need:
-                        accept[w, confidence[w].topk(need).indices] = True
+                    out[r].forwards += active[w]
                 blocks = torch.where(accept, candidates, blocks)
 
             now = time.perf_counter() - started
@@ -148,6 +157,6 @@ class BlockDecoder(Decoder):
                 keep_rows(keep)
             if not alive:
                 break
-            batch.commit(blocks, index, torch.full_like(blocks, REAL_DOC))
+            batch.commit(blocks, index)
             block_start = block_start + B
             blocks = torch.full_like(blocks, self.mask)

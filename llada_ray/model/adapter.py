@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llada_ray.diffusion.masks import (
     AttentionLayout,
@@ -12,7 +12,12 @@ from llada_ray.diffusion.masks import (
     causal_layout,
     stable_layout,
 )
-from llada_ray.model.attention import IMPLEMENTATION, MaskedAttention, resolve_backend
+from llada_ray.model.attention import (
+    IMPLEMENTATION,
+    AttentionRunner,
+    MaskedAttention,
+    resolve_backend,
+)
 
 
 def ensure_mask_token(
@@ -70,29 +75,27 @@ class DiffusionLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        layout: AttentionLayout | MaskedAttention,
+        layout: AttentionLayout | AttentionRunner,
         position_ids: torch.Tensor,
         logits_for: int | None = None,
         embed_noise_std: float = 0.0,
-        cache: Cache | None = None,
     ) -> torch.Tensor:
         """Logits [batch, logits_for or n, vocab] for the first `logits_for` input positions.
 
         `embed_noise_std` > 0 adds N(0, σ²) to the embedding output at mask-token positions
         (early-CPT stability: the AR model never trained the mask token's embedding).
-        With a `cache` (decoding) the inputs' keys and values are appended to it and the layout's
-        keys are the cached tokens followed by the inputs. `layout` may come `prepare`d.
+        `layout` may come `prepare`d, or be any attention runner (the decode engine's, which
+        keeps its own KV cache).
         """
         embeds = self.hf.get_input_embeddings()(input_ids)
         if embed_noise_std > 0:
             at_mask = (input_ids == self.mask_token_id).unsqueeze(-1)
             embeds = embeds + embed_noise_std * torch.randn_like(embeds) * at_mask
-        runner = layout if isinstance(layout, MaskedAttention) else self.prepare(layout)
+        runner = self.prepare(layout) if isinstance(layout, AttentionLayout) else layout
         hidden = self.hf.base_model(
             inputs_embeds=embeds,
             position_ids=position_ids,
-            cache=cache,
-            use_cache=cache is not None,
+            use_cache=False,
             llada_attention=runner,
         ).last_hidden_state
         if logits_for is not None:

@@ -29,6 +29,13 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     return name  # type: ignore[return-value]
 
 
+# What `_llada_attention` calls: (q, k, v, scale, layer index) → output. A MaskedAttention, or
+# the decode engine's CachedAttention.
+AttentionRunner = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, float | None, int], torch.Tensor
+]
+
+
 class MaskedAttention:
     """One forward pass's attention: the layout's mask prepared once, shared by every layer."""
 
@@ -42,9 +49,10 @@ class MaskedAttention:
             self.mask = layout.dense()
 
     def __call__(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, layer: int
     ) -> torch.Tensor:
-        """q [batch, heads, n_q, d]; k, v [batch, kv_heads, n_k, d] → [batch, heads, n_q, d]."""
+        """q [batch, heads, n_q, d]; k, v [batch, kv_heads, n_k, d] → [batch, heads, n_q, d].
+        `layer` is the calling layer's index (a runner with a KV cache of its own needs it)."""
         if self.backend == "flex":
             return _flex(q.device.type)(
                 q, k, v, block_mask=self.block_mask, scale=scale, enable_gqa=True
@@ -85,7 +93,7 @@ def _llada_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
-    llada_attention: MaskedAttention | None = None,
+    llada_attention: AttentionRunner | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     if llada_attention is None:
@@ -93,7 +101,7 @@ def _llada_attention(
             f"attention implementation {IMPLEMENTATION!r} needs a layout: call the model through "
             "llada_ray.model.DiffusionLM, or model.set_attn_implementation('sdpa') for plain HF use"
         )
-    out = llada_attention(query, key, value, scaling)
+    out = llada_attention(query, key, value, scaling, module.layer_idx)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -143,7 +143,7 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str]) -> dict[str, di
     with the AR decoder)."""
     import torch
 
-    from llada_ray.decoding import ARDecoder, BlockDecoder, Sampling
+    from llada_ray.decoding import ARDecoder, BlockDecoder, Decoder, EngineOptions, Sampling
     from llada_ray.evaluation import evaluate
     from llada_ray.model import DiffusionLM, load_model
     from llada_ray.storage import storage_root
@@ -165,10 +165,11 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str]) -> dict[str, di
         if cfg.scaling.use_gpu and torch.cuda.is_available():
             hf = hf.to("cuda", getattr(torch, cfg.model.dtype))
         dlm = DiffusionLM(hf, attention=cfg.model.attention)
+        engine = EngineOptions(ev.batch_size, ev.decoding.length_bucket, ev.decoding.compile)
         if stage == "ar_sft":
-            decoder = ARDecoder(dlm, tok.eos_token_id)
+            decoder: Decoder = ARDecoder(dlm, tok.eos_token_id, engine=engine)
         else:
-            decoder = BlockDecoder(dlm, tok.eos_token_id, block)
+            decoder = BlockDecoder(dlm, tok.eos_token_id, block, engine=engine)
         result = evaluate(decoder, tok, examples, sampling, ev.batch_size)
         out[stage] = result.summary() | {"settings": tasks.describe(cfg.data.task)}
     return out

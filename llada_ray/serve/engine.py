@@ -17,7 +17,14 @@ from transformers import PreTrainedTokenizerBase
 
 from llada_ray.config import ServeConfig
 from llada_ray.data.chat import prompt_ids
-from llada_ray.decoding import ARDecoder, BlockDecoder, Decoder, Generation, Sampling
+from llada_ray.decoding import (
+    ARDecoder,
+    BlockDecoder,
+    Decoder,
+    EngineOptions,
+    Generation,
+    Sampling,
+)
 from llada_ray.model import DiffusionLM, load_model
 from llada_ray.model.io import MODEL_FILES
 from llada_ray.storage import filesystem_for
@@ -90,11 +97,13 @@ class TextEngine:
     ) -> None:
         self.tokenizer, self.cfg = tokenizer, cfg
         eos = tokenizer.eos_token_id
+        engine = EngineOptions(cfg.max_batch_size, cfg.decoding.length_bucket, cfg.decoding.compile)
         self.decoder: Decoder = (
-            BlockDecoder(dlm, eos, cfg.block_size, cfg.use_cache, cfg.max_length)
+            BlockDecoder(dlm, eos, cfg.block_size, cfg.use_cache, cfg.max_length, engine)
             if cfg.decoder == "block"
-            else ARDecoder(dlm, eos, cfg.use_cache, cfg.max_length)
+            else ARDecoder(dlm, eos, cfg.use_cache, cfg.max_length, engine)
         )
+        self.decoder.warm_up()  # compiled: every bucket now, not on a client's request
 
     @classmethod
     def load(cls, cfg: ServeConfig) -> TextEngine:

@@ -1,0 +1,282 @@
+"""The static-shape decode engine: a preallocated KV cache and one compiled step per bucket.
+
+The decoders decide *what* to accept; this decides *how* a forward runs. Every shape a compiled
+step sees comes from a small fixed set, so torch.compile traces each once, at warm-up:
+  - the cache is a tensor [max_batch, kv_heads, max_length, head_dim] per layer for keys and
+    for values; a token's keys and values sit at its absolute position (column = position), so
+    rows of different lengths need no padding, and dropping a row moves only the rows behind it;
+  - a step's queries are [rows, n] against the cache's first `L` columns, rows padded up to a
+    batch bucket and `L` rounded up to a length bucket; which cached keys each query sees is a
+    boolean mask built from the attention rule (`allowed`), once per block;
+  - attention is SDPA with `enable_gqa` (no repeat_interleave of the cache). FlexAttention stays
+    the training kernel: at decode its block mask changes with every key length, which is
+    exactly the recompilation it must not have.
+On CUDA the compiled steps are CUDA graphs (`mode="reduce-overhead"`); the cache tensors are
+marked static addresses, so the graphs write them in place. Prefill (a request's prompt, once)
+runs the same function uncompiled: its width is the prompt's, not a bucket's.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from llada_ray.diffusion.masks import allowed
+from llada_ray.model.adapter import DiffusionLM
+
+Compile = Literal["auto", "on", "off"]
+UNUSED_DOC = -1  # the document of cache columns no token of this step's rows holds
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The engine's shape limits: rows decoded together, the length bucket, and whether to
+    compile: "on" (CUDA graphs on CUDA, inductor on CPU), "off" (eager), "auto" (on for CUDA;
+    off on CPU, where compiling every bucket takes minutes on a laptop's cores)."""
+
+    max_batch: int = 16
+    length_bucket: int = 256
+    compile: Compile = "auto"
+
+
+def length_buckets(max_length: int, bucket: int) -> list[int]:
+    return list(range(bucket, -(-max_length // bucket) * bucket + 1, bucket))
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Powers of two up to max_batch, and max_batch itself."""
+    sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+    return [*sizes, max_batch]
+
+
+class KVCache:
+    """Keys and values of every row and position, allocated once: per layer, a tensor
+    [max_batch, kv_heads, max_length, head_dim] each (separate tensors: a compiled step updates
+    each in place, where a slice of one stacked tensor would be copied whole every step)."""
+
+    def __init__(self, dlm: DiffusionLM, max_batch: int, max_length: int) -> None:
+        config = dlm.hf.config
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        weight = dlm.hf.get_input_embeddings().weight
+        shape = (
+            max_batch,
+            config.num_key_value_heads or config.num_attention_heads,
+            max_length,
+            head_dim,
+        )
+
+        def zeros() -> list[torch.Tensor]:
+            return [
+                torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+                for _ in range(config.num_hidden_layers)
+            ]
+
+        self.keys, self.values = zeros(), zeros()
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Rows `rows` (increasing) become rows 0..len(rows)-1; only rows that move are copied."""
+        target = torch.arange(len(rows), device=rows.device)
+        moved = rows != target
+        if moved.any():
+            source, target = rows[moved], target[moved]
+            for x in (*self.keys, *self.values):  # the right side is gathered before it is written
+                x[target] = x[source]
+
+
+class CachedAttention:
+    """A step's attention: write the queries' keys and values at their positions, then attend
+    over the cache's first `mask.shape[-1]` columns under `mask` [rows, 1, n, L]."""
+
+    def __init__(self, cache: KVCache, positions: torch.Tensor, mask: torch.Tensor) -> None:
+        self.cache, self.positions, self.mask = cache, positions, mask
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, layer: int
+    ) -> torch.Tensor:
+        rows, length = self.mask.shape[0], self.mask.shape[-1]
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        # index_put on the whole tensor, not a scatter into a view of it: compiled, the write
+        # happens in place (a view's would be materialised and copied back).
+        row = torch.arange(rows, device=q.device)[:, None]
+        keys[row, :, self.positions] = k.transpose(1, 2)
+        values[row, :, self.positions] = v.transpose(1, 2)
+        return F.scaled_dot_product_attention(
+            q,
+            keys[:rows, :, :length],
+            values[:rows, :, :length],
+            attn_mask=self.mask,
+            scale=scale,
+            enable_gqa=True,
+        )
+
+
+def step_mask(
+    positions: torch.Tensor, clean: torch.Tensor, context: torch.Tensor, length: int, block: int
+) -> torch.Tensor:
+    """Which cache columns each query of a step sees: [R, 1, n, length], by the attention rule.
+
+    A row's queries (positions [R, n], clean [R, n]) are a run that starts at or before its
+    `context` [R], the first position not committed before the step (committing tokens ride
+    along as clean queries). After the step's writes, column j holds a clean token below the
+    end of the row's clean queries, a noisy one (the block) up to the end of its queries, and
+    nothing after. Every query sees at least itself: no NaN anywhere, not even in padding rows
+    (a NaN left in the cache would reach real rows through masked columns: 0 · NaN = NaN).
+    """
+    R = positions.shape[0]
+    end = positions.max(-1).values + 1
+    clean_end = torch.where(clean, positions + 1, context[:, None]).max(-1).values
+    column = torch.arange(length, device=positions.device).expand(R, length)
+    real = torch.zeros((R, length), dtype=torch.long, device=positions.device)
+    return allowed(
+        positions[:, :, None],
+        clean[:, :, None],
+        real[:, :1, None],
+        column[:, None, :],
+        (column < clean_end[:, None])[:, None, :],
+        torch.where(column < end[:, None], real, UNUSED_DOC)[:, None, :],
+        block,
+    )[:, None]
+
+
+class StaticEngine:
+    """Runs a DiffusionLM step by step over a KVCache, compiled per shape bucket.
+
+    A step's shape is (rows, queries, keys, logits, block size); rows round up to a batch
+    bucket, keys to a length bucket, a prefill's queries to a power of two. The mask is computed
+    inside the step from the queries' positions and flags (fused into the graph: no mask
+    tensor crosses the call). A bucket's first call compiles it; `warm_up` compiles ahead.
+    """
+
+    def __init__(self, dlm: DiffusionLM, max_length: int, options: EngineOptions) -> None:
+        self.dlm = dlm
+        self.lengths = length_buckets(max_length, options.length_bucket)
+        self.batches = batch_buckets(options.max_batch)
+        self.cache = KVCache(dlm, options.max_batch, self.lengths[-1])
+        self.device = self.cache.keys[0].device
+        self.compiled = None
+        self.warm: set[tuple[int, ...]] = set()  # shapes compiled so far
+        cuda = self.device.type == "cuda"
+        if options.compile == "on" or (options.compile == "auto" and cuda):
+            if cuda:
+                for x in (*self.cache.keys, *self.cache.values):
+                    torch._dynamo.mark_static_address(x)
+            # One graph per bucket and step kind: let dynamo keep them all.
+            graphs = len(self.lengths) * len(self.batches) * 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
+            self.compiled = torch.compile(
+                self._forward, mode="reduce-overhead" if cuda else None, dynamic=False
+            )
+
+    @property
+    def max_batch(self) -> int:
+        return self.batches[-1]
+
+    @property
+    def max_length(self) -> int:
+        return self.lengths[-1]
+
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        clean: torch.Tensor,
+        context: torch.Tensor,
+        length: int,
+        block: int,
+        logits_for: int,
+    ) -> torch.Tensor:
+        mask = step_mask(positions, clean, context, length, block)
+        runner = CachedAttention(self.cache, positions, mask)
+        return self.dlm(ids, runner, positions, logits_for=logits_for)
+
+    def prefill(self, prompts: list[list[int]], block: int) -> None:
+        """Write each row's first tokens at positions 0..len-1: clean, block-causal, each row's
+        a whole number of blocks. The width rounds up to a length bucket: the padding lands on
+        positions the row's own later tokens overwrite before anything attends to them."""
+        longest = max(map(len, prompts), default=0)
+        if longest == 0:
+            return
+        width = self.lengths[bisect.bisect_left(self.lengths, longest)]
+        ids = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
+        for r, p in enumerate(prompts):
+            ids[r, : len(p)] = torch.tensor(p, dtype=torch.long, device=self.device)
+        positions = torch.arange(width, device=self.device).expand(len(prompts), width)
+        context = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
+        self.step(ids, positions, torch.ones_like(ids, dtype=torch.bool), context, block, 0)
+
+    @torch.no_grad()
+    def warm_up(self, steps: list[tuple[int, int, int]], rows: list[int] | None = None) -> None:
+        """Compile ahead: every (queries, block, logits) step shape and the prefill of `block`
+        sizes, for each batch bucket in `rows` (default all) and each length bucket. The cache
+        rows are scratch until a batch starts, so this runs between batches only."""
+        if self.compiled is None:
+            return
+        shapes = {(n, length, b, logits) for n, b, logits in steps for length in self.lengths}
+        shapes |= {(length, length, b, 0) for _, b, _ in steps for length in self.lengths}
+        for r in rows or self.batches:
+            for n, length, block, logits_for in sorted(shapes):
+                if n > length:
+                    continue
+                ids = torch.zeros((r, n), dtype=torch.long, device=self.device)
+                positions = torch.arange(length - n, length, device=self.device).expand(r, n)
+                clean = torch.ones_like(ids, dtype=torch.bool)
+                context = torch.zeros(r, dtype=torch.long, device=self.device)
+                # CUDA graphs are recorded on a shape's third call (two warm-up runs first).
+                for _ in range(3 if self.device.type == "cuda" else 1):
+                    self.step(ids, positions, clean, context, block, logits_for)
+
+    @torch.no_grad()
+    def step(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        clean: torch.Tensor,
+        context: torch.Tensor,
+        block: int,
+        logits_for: int,
+    ) -> torch.Tensor:
+        """Logits [R, logits_for, V] of the first `logits_for` queries of each of R rows.
+
+        ids, positions, clean [R, n]: the step's tokens (each row's a run of positions, see
+        `step_mask`); their keys and values are written at their positions.
+        """
+        R, n = ids.shape
+        rows = self.batches[bisect.bisect_left(self.batches, R)]
+        end = int(positions.max()) + 1
+        length = self.lengths[bisect.bisect_left(self.lengths, end)]
+        if rows > R:  # bucket padding: rows that write only to their own (unused) cache rows
+            pad = rows - R
+            filler = torch.arange(n, device=self.device).expand(pad, n)
+            ids = torch.cat([ids, ids[:1].expand(pad, n)])
+            positions = torch.cat([positions, filler])
+            clean = torch.cat([clean, clean.new_ones(pad, n)])  # every query sees itself
+            context = torch.cat([context, context.new_zeros(pad)])
+        args = (_packed(ids), _packed(positions), _packed(clean), context, length, block)
+        if self.compiled is None:
+            return self._forward(*args, logits_for)[:R]
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        shape = (rows, n, length, block, logits_for)
+        if shape not in self.warm:  # the first call of a shape compiles it
+            self.warm.add(shape)
+            return self.compiled(*args, logits_for)[:R]
+        # A warm shape: dynamo checks only the guards that tell its graphs apart (every other
+        # input is the same tensors, same shapes, every call), not all ~100 of them.
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            return self.compiled(*args, logits_for)[:R]
+
+
+def _packed(x: torch.Tensor) -> torch.Tensor:
+    """x with the strides of a new tensor of its shape. Graphs are specialised on strides, even
+    of size-1 dims (which `contiguous()` leaves as they are): one layout per shape."""
+    natural, step = [], 1
+    for size in reversed(x.shape):
+        natural.insert(0, step)
+        step *= max(size, 1)
+    return x if x.stride() == tuple(natural) else x.clone(memory_format=torch.contiguous_format)
