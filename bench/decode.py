@@ -14,8 +14,9 @@ and forward path:
     `sft` also without cache (the cache's reference).
 The operating point of a model is the fastest τ whose accuracy is within 1 point of the AR
 baseline's (or better). Speed: tokens/s of the final model at its operating point against the AR
-baseline, both with their KV cache, at batch 1 and batch 16. TPF = generated tokens / the
-forwards each request needed.
+baseline, both on the compiled static engine, at batch 1 and batch 16; and what one step costs
+at batch 1 (block step, AR token step), engine eager and compiled, against the dynamic KV-cache
+path it replaced. TPF = generated tokens / the forwards each request needed.
 
     python bench/decode.py [--quick]   → bench/results/decode.json, decode.png and a table
 """
@@ -33,7 +34,7 @@ import torch
 
 from llada_ray.config import PipelineConfig, load_config
 from llada_ray.data import tasks
-from llada_ray.decoding import ARDecoder, BlockDecoder, Sampling
+from llada_ray.decoding import ARDecoder, BlockDecoder, Decoder, EngineOptions, Sampling
 from llada_ray.evaluation import TaskEval, evaluate, task_prompts
 from llada_ray.model import DiffusionLM, load_model
 from llada_ray.pipeline.scheduler import run_pipeline
@@ -45,6 +46,13 @@ EVAL_SEED = 99  # task examples no stage trained on
 TAUS = (0.95, 0.9, 0.8, 0.7)
 MAX_NEW = 32
 MODELS = ("ar_pretrain", "merge", "sft", "cap", "dpo", "ar_sft")
+LENGTH_BUCKET = 64  # prompts and answers here fit in 64 positions
+# The step cost: batch 1, these examples, dpo at this τ for block steps, ar_sft for AR steps.
+STEP_EXAMPLES, STEP_TAU = 64, 0.8
+# ms per forward of the dynamic path the engine replaced (commit 18efb71: HF DynamicCache
+# appended and cropped every step, masks rebuilt per forward), measured with the step loop
+# above on this machine (2 cores), fastest of 3 (its first run compiled nothing).
+DYNAMIC_PATH_MS = {"bd": 3.49, "ar": 2.98}
 
 
 def trained(cfg: PipelineConfig) -> dict[str, Path]:
@@ -81,6 +89,23 @@ def hf_generate(model, tok, examples: list[tasks.Example]) -> dict:
 
 def row(result: TaskEval) -> dict:
     return result.summary()
+
+
+def fastest(
+    runs: list[tuple[str, Decoder, Sampling, int]],
+    tok,
+    examples: list[tasks.Example],
+    repeats: int = 3,
+) -> dict[str, dict]:
+    """Each (name, decoder, sampling, batch) evaluated `repeats` times, interleaved; the fastest
+    kept (this machine's timing wanders by ±20 %, at times 2×, between runs)."""
+    best: dict[str, dict] = {}
+    for _ in range(repeats):
+        for name, decoder, sampling, batch in runs:
+            timed = row(evaluate(decoder, tok, examples, sampling, batch))
+            if name not in best or timed["seconds"] < best[name]["seconds"]:
+                best[name] = timed
+    return best
 
 
 def operating_point(rows: dict[str, dict], model: str, ar_accuracy: float) -> float | None:
@@ -154,22 +179,42 @@ def main() -> None:
     op = {name: operating_point(results, name, ar_acc) for name in ("sft", "cap", "dpo")}
     final_tau = op["dpo"] if op["dpo"] is not None else most_accurate(results, "dpo")
     model, tok = dlm("dpo")
-    final = BlockDecoder(model, tok.eos_token_id, block)
     final_sampling = Sampling(final_tau, max_new_tokens=MAX_NEW)
-    # Speed: each side timed 3 times, interleaved, the fastest kept (this machine's timing
-    # wanders by ±20 % between runs); the tokens are the same every time.
-    speed: dict[str, dict] = {}
-    for _ in range(3):
-        for name, decoder, sampling, batch in (
-            ("ar_sft", ar, greedy, args.batch),
+    # Speed, on the compiled engine (compile: on; each shape compiles on its first call); the
+    # tokens are the same every time.
+    compiled = EngineOptions(args.batch, LENGTH_BUCKET, "on")
+    ar_c = ARDecoder(ar_model, tok.eos_token_id, engine=compiled)
+    final = BlockDecoder(model, tok.eos_token_id, block, engine=compiled)
+    speed = fastest(
+        [
+            ("ar_sft", ar_c, greedy, args.batch),
             (f"dpo_t{final_tau}", final, final_sampling, args.batch),
-            ("ar_sft_b1", ar, greedy, 1),
+            ("ar_sft_b1", ar_c, greedy, 1),
             (f"dpo_t{final_tau}_b1", final, final_sampling, 1),
-        ):
-            timed = row(evaluate(decoder, tok, examples, sampling, batch))
-            if name not in speed or timed["seconds"] < speed[name]["seconds"]:
-                speed[name] = timed
+        ],
+        tok,
+        examples,
+    )
     results |= speed
+    # What a step costs at batch 1, the engine eager and compiled, against the dynamic path
+    # it replaced (HF DynamicCache, masks rebuilt per forward), measured with this same loop.
+    step_examples = examples[:STEP_EXAMPLES]
+    step_sampling = Sampling(STEP_TAU, max_new_tokens=MAX_NEW)
+    eager = EngineOptions(1, LENGTH_BUCKET, "off")
+    steps = fastest(
+        [
+            (f"{kind}_{mode}", decoder, sampling, 1)
+            for mode, options in (("eager", eager), ("compiled", compiled))
+            for kind, decoder, sampling in (
+                ("bd", BlockDecoder(model, tok.eos_token_id, block, engine=options), step_sampling),
+                ("ar", ARDecoder(ar_model, tok.eos_token_id, engine=options), greedy),
+            )
+        ],
+        tok,
+        step_examples,
+        repeats=5,
+    )
+    step_ms = {name: 1000 * r["seconds"] / r["forwards"] for name, r in steps.items()}
     final_row = results[f"dpo_t{final_tau}"]
     cap_tau = op["cap"] if op["cap"] is not None else most_accurate(results, "cap")
     cap_row = results[f"cap_t{cap_tau}"]
@@ -188,6 +233,18 @@ def main() -> None:
     b1 = results[f"dpo_t{final_tau}_b1"]
     ms_bd = 1000 * b1["seconds"] / b1["forwards"]
     targets = {
+        "bd_block_step_speedup_batch1": target(
+            DYNAMIC_PATH_MS["bd"] / step_ms["bd_compiled"],
+            2.0,
+            f"block step {step_ms['bd_compiled']:.2f} ms compiled, {step_ms['bd_eager']:.2f} "
+            f"eager, {DYNAMIC_PATH_MS['bd']} the dynamic path (18efb71)",
+        ),
+        "ar_token_step_speedup_batch1": target(
+            DYNAMIC_PATH_MS["ar"] / step_ms["ar_compiled"],
+            2.0,
+            f"token step {step_ms['ar_compiled']:.2f} ms compiled, {step_ms['ar_eager']:.2f} "
+            f"eager, {DYNAMIC_PATH_MS['ar']} the dynamic path (18efb71)",
+        ),
         "final_exact_match": target(final_row["accuracy"], 0.60, f"dpo at τ {final_tau}"),
         "final_worst_task_kind": target(worst_kind, 0.25, json.dumps(final_row["per_task"])),
         "ar_baseline_exact_match": target(ar_acc, None, "reported"),
@@ -228,6 +285,7 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
         },
         "operating_points": op,
+        "step_ms_batch1": step_ms | {f"{k}_dynamic_path": v for k, v in DYNAMIC_PATH_MS.items()},
         "results": results,
         "targets": targets,
     }

@@ -55,10 +55,12 @@ class CachedBatch:
         self.device = engine.device
         self.context = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, positions)
+        self.written = 0  # positions below this may hold this batch's keys and values
 
     def prefill(self, prompts: list[list[int]], block_size: int) -> None:
         """The prompts' first tokens (whole blocks) as context."""
         self.engine.prefill(prompts, block_size)
+        self.written = max(map(len, prompts), default=0)
         self.context = torch.tensor([len(p) for p in prompts], device=self.device)
 
     def commit(self, ids: torch.Tensor, index: torch.Tensor) -> None:
@@ -83,6 +85,7 @@ class CachedBatch:
             ids, index = torch.cat([ids, p_ids], 1), torch.cat([index, p_index], 1)
             flags = torch.cat([flags, torch.ones_like(self.pending[0], dtype=torch.bool)], 1)
         logits = self.engine.step(ids, index, flags, self.context, block_size, n)
+        self.written = max(self.written, int(index.max()) + 1)
         if self.pending is not None:
             self.context = self.pending[1][:, -1] + 1
             self.pending = None
@@ -92,7 +95,7 @@ class CachedBatch:
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these working rows (increasing indices into the current batch)."""
-        self.engine.cache.keep(rows)
+        self.engine.cache.keep(rows, self.written)
         self.context = self.context[rows]
         if self.pending is not None:
             self.pending = (self.pending[0][rows], self.pending[1][rows])

@@ -79,14 +79,15 @@ class KVCache:
 
         self.keys, self.values = zeros(), zeros()
 
-    def keep(self, rows: torch.Tensor) -> None:
-        """Rows `rows` (increasing) become rows 0..len(rows)-1; only rows that move are copied."""
+    def keep(self, rows: torch.Tensor, length: int) -> None:
+        """Rows `rows` (increasing) become rows 0..len(rows)-1: only rows that move are copied,
+        and of those only the first `length` positions (what the batch has written)."""
         target = torch.arange(len(rows), device=rows.device)
         moved = rows != target
         if moved.any():
             source, target = rows[moved], target[moved]
             for x in (*self.keys, *self.values):  # the right side is gathered before it is written
-                x[target] = x[source]
+                x[target, :, :length] = x[source, :, :length]
 
 
 class CachedAttention:
@@ -147,8 +148,9 @@ def step_mask(
 class StaticEngine:
     """Runs a DiffusionLM step by step over a KVCache, compiled per shape bucket.
 
-    A step's shape is (rows, queries, keys, logits, block size); rows round up to a batch
-    bucket, keys to a length bucket, a prefill's queries to a power of two. The mask is computed
+    A step's shape is (rows, queries, keys, logits, block size); compiled, rows round up to a
+    batch bucket, keys and a prefill's queries to a length bucket (eager, nothing is padded). The
+    mask is computed
     inside the step from the queries' positions and flags (fused into the graph: no mask
     tensor crosses the call). A bucket's first call compiles it; `warm_up` compiles ahead.
     """
@@ -197,18 +199,22 @@ class StaticEngine:
 
     def prefill(self, prompts: list[list[int]], block: int) -> None:
         """Write each row's first tokens at positions 0..len-1: clean, block-causal, each row's
-        a whole number of blocks. The width rounds up to a length bucket: the padding lands on
-        positions the row's own later tokens overwrite before anything attends to them."""
+        a whole number of blocks. Rows shorter than the width (a bucket, compiled) are padded on
+        positions their own later tokens overwrite before anything attends to them."""
         longest = max(map(len, prompts), default=0)
         if longest == 0:
             return
-        width = self.lengths[bisect.bisect_left(self.lengths, longest)]
+        width = self._bucket(self.lengths, longest)
         ids = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
         for r, p in enumerate(prompts):
             ids[r, : len(p)] = torch.tensor(p, dtype=torch.long, device=self.device)
         positions = torch.arange(width, device=self.device).expand(len(prompts), width)
         context = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
         self.step(ids, positions, torch.ones_like(ids, dtype=torch.bool), context, block, 0)
+
+    def _bucket(self, buckets: list[int], size: int) -> int:
+        """The bucket a size rounds up to; eager, the size itself (padding would only cost)."""
+        return size if self.compiled is None else buckets[bisect.bisect_left(buckets, size)]
 
     @torch.no_grad()
     def warm_up(self, steps: list[tuple[int, int, int]], rows: list[int] | None = None) -> None:
@@ -247,9 +253,8 @@ class StaticEngine:
         `step_mask`); their keys and values are written at their positions.
         """
         R, n = ids.shape
-        rows = self.batches[bisect.bisect_left(self.batches, R)]
-        end = int(positions.max()) + 1
-        length = self.lengths[bisect.bisect_left(self.lengths, end)]
+        rows = self._bucket(self.batches, R)
+        length = self._bucket(self.lengths, int(positions.max()) + 1)
         if rows > R:  # bucket padding: rows that write only to their own (unused) cache rows
             pad = rows - R
             filler = torch.arange(n, device=self.device).expand(pad, n)
