@@ -465,8 +465,10 @@ class ServeConfig(Strict):
     temperature: Annotated[float, Field(ge=0, le=2)] = Field(0.0, description="default; 0 greedy")
     default_max_tokens: PositiveInt = 128
     max_tokens_limit: PositiveInt = Field(4096, description="larger requests are refused (400)")
-    max_length: PositiveInt | None = Field(
-        None, description="context in tokens; default: the model's max_position_embeddings"
+    max_length: PositiveInt = Field(
+        4096,
+        description="context in tokens, prompt and answer (at most the model's): the KV cache "
+        "holds max_batch_size rows of it",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attention: Literal["auto", "block_sparse", "dense", "flex", "eager"] = "auto"

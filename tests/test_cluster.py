@@ -29,6 +29,9 @@ def test_cpt_phase_scales_out_survives_a_lost_node_and_scales_back_in(tmp_path, 
     raw = yaml.safe_load((REPO / "configs/fake-cluster.yaml").read_text())
     raw["storage"] = {"root": str(tmp_path / "runs")}
     raw["tracking"] = {"uri": mlflow_tracking.uri, "experiment": "fake-cluster"}
+    # Three times the phase's steps: finding and killing the node takes seconds, and a phase
+    # that ends first never loses a worker (seen: resumed_from None).
+    raw["stages"][0]["phases"][0]["tokens"] *= 3
     cfg = PipelineConfig.model_validate(raw)
     path = tmp_path / "fake.yaml"
     path.write_text(yaml.safe_dump(raw))

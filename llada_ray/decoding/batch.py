@@ -162,7 +162,10 @@ class Decoder:
         (a KV cache for `engine.max_batch` rows of `max_length` positions)."""
         self.dlm, self.eos, self.use_cache = dlm.eval(), eos_token_id, use_cache
         self.mask = dlm.mask_token_id
-        self.max_length: int = max_length or dlm.hf.config.max_position_embeddings
+        context = dlm.hf.config.max_position_embeddings
+        if max_length is not None and max_length > context:
+            raise ValueError(f"max_length {max_length} exceeds the model's context ({context})")
+        self.max_length: int = max_length or context
         self.engine = (
             StaticEngine(dlm, self.max_length, engine or EngineOptions()) if use_cache else None
         )

@@ -6,8 +6,9 @@ step sees comes from a small fixed set, so torch.compile traces each once, at wa
     for values; a token's keys and values sit at its absolute position (column = position), so
     rows of different lengths need no padding, and dropping a row moves only the rows behind it;
   - a step's queries are [rows, n] against the cache's first `L` columns, rows padded up to a
-    batch bucket and `L` rounded up to a length bucket; which cached keys each query sees is a
-    boolean mask built from the attention rule (`allowed`), once per block;
+    batch bucket (powers of two) and `L` rounded up to a length bucket (the bucket setting times
+    a power of two); which cached keys each query sees is a boolean mask computed from the
+    attention rule (`allowed`) inside the step, fused into its graph;
   - attention is SDPA with `enable_gqa` (no repeat_interleave of the cache). FlexAttention stays
     the training kernel: at decode its block mask changes with every key length, which is
     exactly the recompilation it must not have.
@@ -44,7 +45,12 @@ class EngineOptions:
 
 
 def length_buckets(max_length: int, bucket: int) -> list[int]:
-    return list(range(bucket, -(-max_length // bucket) * bucket + 1, bucket))
+    """bucket, 2·bucket, 4·bucket, … up to the first that holds max_length: few enough shapes
+    to compile every one ahead (a step attends to at most twice the keys it needs)."""
+    sizes = [bucket]
+    while sizes[-1] < max_length:
+        sizes.append(sizes[-1] * 2)
+    return sizes
 
 
 def batch_buckets(max_batch: int) -> list[int]:

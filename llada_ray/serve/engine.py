@@ -98,10 +98,11 @@ class TextEngine:
         self.tokenizer, self.cfg = tokenizer, cfg
         eos = tokenizer.eos_token_id
         engine = EngineOptions(cfg.max_batch_size, cfg.decoding.length_bucket, cfg.decoding.compile)
+        length = min(cfg.max_length, dlm.hf.config.max_position_embeddings)
         self.decoder: Decoder = (
-            BlockDecoder(dlm, eos, cfg.block_size, cfg.use_cache, cfg.max_length, engine)
+            BlockDecoder(dlm, eos, cfg.block_size, cfg.use_cache, length, engine)
             if cfg.decoder == "block"
-            else ARDecoder(dlm, eos, cfg.use_cache, cfg.max_length, engine)
+            else ARDecoder(dlm, eos, cfg.use_cache, length, engine)
         )
         self.decoder.warm_up()  # compiled: every bucket now, not on a client's request
 
