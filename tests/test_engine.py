@@ -89,9 +89,13 @@ def test_engine_steps_give_the_logits_of_recomputing(dlm, engines, mode):
                 torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
-def test_a_batch_larger_than_the_cache_is_refused(engines):
+def test_a_batch_larger_than_the_cache_or_a_context_past_the_model_is_refused(
+    dlm, engines, tiny_tokenizer
+):
     with pytest.raises(ValueError, match="exceeds max_batch 4"):
         CachedBatch(engines["off"], 5)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        BlockDecoder(dlm, tiny_tokenizer.eos_token_id, B, max_length=10**6)
 
 
 def test_compiled_decoders_give_the_tokens_of_the_reference_and_never_recompile(

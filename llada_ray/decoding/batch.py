@@ -80,15 +80,16 @@ class CachedBatch:
         context, pending tokens included, ends)."""
         n = ids.shape[1]
         flags = torch.full_like(ids, clean, dtype=torch.bool)
-        if self.pending is not None:  # after the queries: their logits are the first n
+        committing = self.pending is not None
+        if committing:  # after the queries: their logits are the first n
             p_ids, p_index = self.pending
             ids, index = torch.cat([ids, p_ids], 1), torch.cat([index, p_index], 1)
-            flags = torch.cat([flags, torch.ones_like(self.pending[0], dtype=torch.bool)], 1)
+            flags = torch.cat([flags, torch.ones_like(p_ids, dtype=torch.bool)], 1)
+            self.pending = None
         logits = self.engine.step(ids, index, flags, self.context, block_size, n)
         self.written = max(self.written, int(index.max()) + 1)
-        if self.pending is not None:
-            self.context = self.pending[1][:, -1] + 1
-            self.pending = None
+        if committing:  # the context ends after the committed tokens (last in the step)
+            self.context = index[:, -1] + 1
         if keep:
             self.context = index[:, n - 1] + 1
         return logits

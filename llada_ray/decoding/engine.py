@@ -13,8 +13,8 @@ step sees comes from a small fixed set, so torch.compile traces each once, at wa
     the training kernel: at decode its block mask changes with every key length, which is
     exactly the recompilation it must not have.
 On CUDA the compiled steps are CUDA graphs (`mode="reduce-overhead"`); the cache tensors are
-marked static addresses, so the graphs write them in place. Prefill (a request's prompt, once)
-runs the same function uncompiled: its width is the prompt's, not a bucket's.
+marked static addresses, so the graphs write them in place. A prefill (the prompts' first
+tokens, once per batch) is a step too, its width a length bucket.
 """
 
 from __future__ import annotations
@@ -155,10 +155,10 @@ class StaticEngine:
     """Runs a DiffusionLM step by step over a KVCache, compiled per shape bucket.
 
     A step's shape is (rows, queries, keys, logits, block size); compiled, rows round up to a
-    batch bucket, keys and a prefill's queries to a length bucket (eager, nothing is padded). The
-    mask is computed
-    inside the step from the queries' positions and flags (fused into the graph: no mask
-    tensor crosses the call). A bucket's first call compiles it; `warm_up` compiles ahead.
+    batch bucket, keys and a prefill's queries to a length bucket (eager, nothing is padded).
+    The mask is computed inside the step from the queries' positions and flags (fused into the
+    graph: no mask tensor crosses the call). A shape's first call compiles it; `warm_up`
+    compiles ahead.
     """
 
     def __init__(self, dlm: DiffusionLM, max_length: int, options: EngineOptions) -> None:
