@@ -306,7 +306,7 @@ class DecodingConfig(Strict):
         "minutes on a laptop's cores); on: torch.compile on any device (inductor on CPU)",
     )
     length_bucket: PositiveInt = Field(
-        256, description="a step attends to the KV cache up to the next multiple of this"
+        256, description="a step attends to the KV cache up to this times a power of two"
     )
 
 

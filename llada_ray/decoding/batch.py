@@ -86,8 +86,9 @@ class CachedBatch:
             ids, index = torch.cat([ids, p_ids], 1), torch.cat([index, p_index], 1)
             flags = torch.cat([flags, torch.ones_like(p_ids, dtype=torch.bool)], 1)
             self.pending = None
-        logits = self.engine.step(ids, index, flags, self.context, block_size, n)
-        self.written = max(self.written, int(index.max()) + 1)
+        end = int(index.max()) + 1
+        logits = self.engine.step(ids, index, flags, self.context, block_size, n, end)
+        self.written = max(self.written, end)
         if committing:  # the context ends after the committed tokens (last in the step)
             self.context = index[:, -1] + 1
         if keep:
@@ -161,7 +162,7 @@ class Decoder:
     ) -> None:
         """`use_cache=False`: the uncompiled recompute reference instead of the static engine
         (a KV cache for `engine.max_batch` rows of `max_length` positions)."""
-        self.dlm, self.eos, self.use_cache = dlm.eval(), eos_token_id, use_cache
+        self.dlm, self.eos = dlm.eval(), eos_token_id
         self.mask = dlm.mask_token_id
         context = dlm.hf.config.max_position_embeddings
         if max_length is not None and max_length > context:

@@ -216,7 +216,7 @@ class StaticEngine:
             ids[r, : len(p)] = torch.tensor(p, dtype=torch.long, device=self.device)
         positions = torch.arange(width, device=self.device).expand(len(prompts), width)
         context = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
-        self.step(ids, positions, torch.ones_like(ids, dtype=torch.bool), context, block, 0)
+        self.step(ids, positions, torch.ones_like(ids, dtype=torch.bool), context, block, 0, width)
 
     def _bucket(self, buckets: list[int], size: int) -> int:
         """The bucket a size rounds up to; eager, the size itself (padding would only cost)."""
@@ -241,7 +241,7 @@ class StaticEngine:
                 context = torch.zeros(r, dtype=torch.long, device=self.device)
                 # CUDA graphs are recorded on a shape's third call (two warm-up runs first).
                 for _ in range(3 if self.device.type == "cuda" else 1):
-                    self.step(ids, positions, clean, context, block, logits_for)
+                    self.step(ids, positions, clean, context, block, logits_for, length)
 
     @torch.no_grad()
     def step(
@@ -252,15 +252,17 @@ class StaticEngine:
         context: torch.Tensor,
         block: int,
         logits_for: int,
+        end: int,
     ) -> torch.Tensor:
         """Logits [R, logits_for, V] of the first `logits_for` queries of each of R rows.
 
         ids, positions, clean [R, n]: the step's tokens (each row's a run of positions, see
-        `step_mask`); their keys and values are written at their positions.
+        `step_mask`); their keys and values are written at their positions. `end`: one past the
+        largest position (the caller knows it; reading it here would sync with the device).
         """
         R, n = ids.shape
         rows = self._bucket(self.batches, R)
-        length = self._bucket(self.lengths, int(positions.max()) + 1)
+        length = self._bucket(self.lengths, end)
         if rows > R:  # bucket padding: rows that write only to their own (unused) cache rows
             pad = rows - R
             filler = torch.arange(n, device=self.device).expand(pad, n)
