@@ -92,17 +92,17 @@ def row(result: TaskEval) -> dict:
 
 
 def fastest(
-    runs: list[tuple[str, Decoder, Sampling, int]],
+    runs: list[tuple[str, Decoder, Sampling]],
     tok,
     examples: list[tasks.Example],
     repeats: int = 3,
 ) -> dict[str, dict]:
-    """Each (name, decoder, sampling, batch) evaluated `repeats` times, interleaved; the fastest
+    """Each (name, decoder, sampling) evaluated `repeats` times, interleaved; the fastest
     kept (this machine's timing wanders by ±20 %, at times 2×, between runs)."""
     best: dict[str, dict] = {}
     for _ in range(repeats):
-        for name, decoder, sampling, batch in runs:
-            timed = row(evaluate(decoder, tok, examples, sampling, batch))
+        for name, decoder, sampling in runs:
+            timed = row(evaluate(decoder, tok, examples, sampling))
             if name not in best or timed["seconds"] < best[name]["seconds"]:
                 best[name] = timed
     return best
@@ -120,8 +120,8 @@ def step_costs(
         bd = BlockDecoder(bd_model, tok.eos_token_id, block, engine=options)
         ar = ARDecoder(ar_model, tok.eos_token_id, engine=options)
         name = "eager" if mode == "off" else "compiled"
-        runs += [(f"bd_{name}", bd, Sampling(STEP_TAU, max_new_tokens=MAX_NEW), 1),
-                 (f"ar_{name}", ar, greedy, 1)]  # fmt: skip
+        runs += [(f"bd_{name}", bd, Sampling(STEP_TAU, max_new_tokens=MAX_NEW)),
+                 (f"ar_{name}", ar, greedy)]  # fmt: skip
     best = fastest(runs, tok, examples, repeats=5)
     return {name: 1000 * r["seconds"] / r["forwards"] for name, r in best.items()}
 
@@ -171,28 +171,31 @@ def main() -> None:
     greedy = Sampling(max_new_tokens=MAX_NEW)
     # First, before the sweeps fill dynamo's caches with other engines' graphs.
     step_ms = step_costs(ar_model, dlm("dpo")[0], tok, examples[:STEP_EXAMPLES], block)
-    ar = ARDecoder(ar_model, tok.eos_token_id)
-    results["ar_sft"] = row(evaluate(ar, tok, examples, greedy, args.batch))
+    batched = EngineOptions(args.batch, LENGTH_BUCKET)
+    ar = ARDecoder(ar_model, tok.eos_token_id, engine=batched)
+    results["ar_sft"] = row(evaluate(ar, tok, examples, greedy))
     plain_hf, _ = load_model(models["ar_sft"])  # its own copy: DiffusionLM sets our attention
     results["hf_generate_ar_sft"] = hf_generate(plain_hf, tok, examples)
     model, tok = dlm("ar_pretrain")  # the AR parent
-    results["ar_pretrain"] = row(evaluate(ARDecoder(model, tok.eos_token_id), tok, examples,
-                                          greedy, args.batch))  # fmt: skip
+    results["ar_pretrain"] = row(evaluate(ARDecoder(model, tok.eos_token_id, engine=batched),
+                                          tok, examples, greedy))  # fmt: skip
     model, tok = dlm("merge")  # the diffusion model before post-training
     sampling = Sampling(0.9, max_new_tokens=MAX_NEW)
     results["merge_t0.9"] = row(
-        evaluate(BlockDecoder(model, tok.eos_token_id, block), tok, examples, sampling, args.batch)
+        evaluate(
+            BlockDecoder(model, tok.eos_token_id, block, engine=batched), tok, examples, sampling
+        )
     )
     for name in ("sft", "cap", "dpo"):
         model, tok = dlm(name)
-        cached = BlockDecoder(model, tok.eos_token_id, block)
+        cached = BlockDecoder(model, tok.eos_token_id, block, engine=batched)
         for tau in TAUS:
             sampling = Sampling(tau, max_new_tokens=MAX_NEW)
-            results[f"{name}_t{tau}"] = row(evaluate(cached, tok, examples, sampling, args.batch))
+            results[f"{name}_t{tau}"] = row(evaluate(cached, tok, examples, sampling))
     model, tok = dlm("sft")
-    plain = BlockDecoder(model, tok.eos_token_id, block, use_cache=False)
+    plain = BlockDecoder(model, tok.eos_token_id, block, use_cache=False, engine=batched)
     results["sft_nocache_t0.9"] = row(
-        evaluate(plain, tok, examples, Sampling(0.9, max_new_tokens=MAX_NEW), args.batch)
+        evaluate(plain, tok, examples, Sampling(0.9, max_new_tokens=MAX_NEW))
     )
 
     ar_acc = results["ar_sft"]["accuracy"]
@@ -202,16 +205,16 @@ def main() -> None:
     final_sampling = Sampling(final_tau, max_new_tokens=MAX_NEW)
     # Speed, on the compiled engine (compile: on; each shape compiles on its first call); the
     # tokens are the same every time.
-    compiled = EngineOptions(args.batch, LENGTH_BUCKET, "on")
-    ar_c = ARDecoder(ar_model, tok.eos_token_id, engine=compiled)
-    final = BlockDecoder(model, tok.eos_token_id, block, engine=compiled)
+    runs = []
+    for batch, suffix in ((args.batch, ""), (1, "_b1")):
+        compiled = EngineOptions(batch, LENGTH_BUCKET, "on")
+        runs += [
+            (f"ar_sft{suffix}", ARDecoder(ar_model, tok.eos_token_id, engine=compiled), greedy),
+            (f"dpo_t{final_tau}{suffix}",
+             BlockDecoder(model, tok.eos_token_id, block, engine=compiled), final_sampling),
+        ]  # fmt: skip
     speed = fastest(
-        [
-            ("ar_sft", ar_c, greedy, args.batch),
-            (f"dpo_t{final_tau}", final, final_sampling, args.batch),
-            ("ar_sft_b1", ar_c, greedy, 1),
-            (f"dpo_t{final_tau}_b1", final, final_sampling, 1),
-        ],
+        runs,
         tok,
         examples,
     )

@@ -308,6 +308,11 @@ class DecodingConfig(Strict):
     length_bucket: PositiveInt = Field(
         256, description="a step attends to the KV cache up to this times a power of two"
     )
+    prefix_cache_mb: Annotated[float, Field(ge=0)] = Field(
+        256.0,
+        description="keys and values of prompt blocks kept across requests (LRU), at most this "
+        "many MiB; 0: no prefix cache",
+    )
 
 
 class EvaluationConfig(Strict):
@@ -474,7 +479,6 @@ class ServeConfig(Strict):
     attention: Literal["auto", "block_sparse", "dense", "flex", "eager"] = "auto"
     torch_threads: PositiveInt | None = Field(None, description="default: the replica's CPUs")
     max_batch_size: PositiveInt = 16
-    batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.01
     max_ongoing_requests: PositiveInt = Field(64, description="per replica, queued + decoding")
     num_cpus: PositiveFloat = 1.0
     num_gpus: Annotated[float, Field(ge=0)] = 0.0

@@ -61,18 +61,17 @@ def evaluate(
     tokenizer: PreTrainedTokenizerBase,
     examples: list[tasks.Example],
     sampling: Sampling,
-    batch_size: int,
     chat: bool = True,
 ) -> TaskEval:
-    """Decode the examples in batches of `batch_size` and grade the answers."""
+    """Decode the examples, continuously batched (up to the decoder's max_batch at a time), and
+    grade the answers."""
     prompts = task_prompts(tokenizer, examples, chat)
     answers, tokens, forwards = [], 0, 0
     started = time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        for g in decoder.generate(prompts[i : i + batch_size], sampling):
-            answers.append(tokenizer.decode(g.tokens, skip_special_tokens=True).strip())
-            tokens += len(g.tokens)
-            forwards += g.forwards
+    for g in decoder.generate(prompts, sampling):
+        answers.append(tokenizer.decode(g.tokens, skip_special_tokens=True).strip())
+        tokens += len(g.tokens)
+        forwards += g.forwards
     seconds = time.perf_counter() - started
     scores = tasks.score(examples, answers)
     return TaskEval(
@@ -82,6 +81,6 @@ def evaluate(
         tokens=tokens,
         forwards=forwards,
         seconds=seconds,
-        batch_size=batch_size,
+        batch_size=decoder.options.max_batch,
         answers=answers,
     )

@@ -4,6 +4,7 @@ are checked against the same engine run in this process."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -23,7 +24,8 @@ from schemathesis import Case, GenerationMode
 
 from llada_ray.config import ServeConfig, TinyModelConfig
 from llada_ray.model import build_tiny_model, save_model
-from llada_ray.serve.engine import TextEngine
+from llada_ray.serve.engine import Job, TextEngine
+from llada_ray.serve.loop import EngineLoop
 from tests import stack
 
 MODEL = "tiny-bd"
@@ -43,7 +45,7 @@ def model_dir(tmp_path_factory, tiny_tokenizer, s3) -> Path:
 
 
 def _settings(**extra: object) -> dict:
-    return {"model_name": MODEL, "block_size": 8, "threshold": 0.9, "max_tokens_limit": 256,
+    return {"model_name": MODEL, "block_size": 8, "threshold": 0.9, "max_tokens_limit": 1024,
             "default_max_tokens": 24, "max_batch_size": 8, "max_ongoing_requests": 16,
             "num_cpus": 0.5, **extra}  # fmt: skip
 
@@ -100,14 +102,47 @@ def _post(url: str, body: dict | str, headers: dict | None = None) -> requests.R
     return requests.post(url, data=data, headers=JSON | (headers or {}), timeout=60)
 
 
-def _expected(engine: TextEngine, prompt_ids: list[int], **kw) -> tuple[str, str, int]:
+def _job(engine: TextEngine, prompt_ids: list[int], **kw) -> Job:
     args = {"max_tokens": None, "temperature": None, "top_p": None, "top_k": None,
             "threshold": None, "min_accept": None, "seed": None, "stop": ()} | kw  # fmt: skip
-    text, last = "", None
-    for step in engine.run([engine.job(prompt_ids, **args)]):
-        if step[0] is not None:
-            text, last = text + step[0].text, step[0]
+    return engine.job(prompt_ids, **args)
+
+
+def _expected(engine: TextEngine, prompt_ids: list[int], **kw) -> tuple[str, str, int]:
+    """The request decoded alone, in this process, with no loop and no server."""
+    job = _job(engine, prompt_ids, **kw)
+    progress = engine.start(job)
+    run = engine.decoder.open()
+    run.add(progress.request)
+    text = ""
+    while run:
+        run.step()
+        last = engine.update(job, progress)
+        text += last.text
     return text, last.finish_reason, last.completion_tokens
+
+
+def test_the_loop_frees_the_row_of_a_request_nobody_reads(model_dir):
+    """A caller that stops reading (what a disconnect does) cancels its request: it leaves the
+    batch at the next step, and the one running beside it finishes as it would alone."""
+    settings = _settings(model=str(model_dir), threshold=1.0, max_tokens_limit=2000)
+    engine = TextEngine.load(ServeConfig.model_validate(settings))
+    loop = EngineLoop(engine)
+    prompt = engine.encode_text("def f(x):")
+
+    async def scenario() -> str:
+        gone = loop.submit(_job(engine, prompt, max_tokens=2000)).updates()
+        await anext(gone)  # one block, then the caller goes away
+        await gone.aclose()
+        text = ""
+        async for update in loop.submit(_job(engine, prompt, max_tokens=24)).updates():
+            text += update.text
+        return text  # after 3 blocks: the cancelled request left at the first
+
+    text = asyncio.run(scenario())
+    assert loop.stats.cancelled == 1 and loop.load == {"running": 0, "waiting": 0}
+    assert loop.stats.finished == 1 and loop.stats.tokens == 24
+    assert text == _expected(engine, prompt, max_tokens=24)[0]
 
 
 def test_models_and_health(servers):
@@ -127,15 +162,19 @@ def test_completion_is_the_decoders_answer(servers, engine):
     assert body["object"] == "text_completion"
     assert body["choices"][0]["text"] == text and body["choices"][0]["finish_reason"] == reason
     n_prompt = len(engine.encode_text(prompt))
-    assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": completion,
-                             "total_tokens": n_prompt + completion}  # fmt: skip
+    usage = body["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (
+        n_prompt, completion, n_prompt + completion)  # fmt: skip
     assert body["decoding"]["forwards"] > 0
 
     stop = text[6:9]  # a stop string the greedy answer is known to contain
     r = _post(f"{open_url}/v1/completions",
               {"model": MODEL, "prompt": prompt, "max_tokens": 30, "stop": [stop]})  # fmt: skip
-    choice = r.json()["choices"][0]
+    choice, usage = r.json()["choices"][0], r.json()["usage"]
     assert choice["text"] == text[: text.index(stop)] and choice["finish_reason"] == "stop"
+    # Only the tokens returned count, and the prompt's whole blocks came from the prefix cache.
+    assert usage["completion_tokens"] == len(engine.encode_text(choice["text"])) < completion
+    assert usage["prompt_tokens_details"]["cached_tokens"] == n_prompt // 8 * 8 > 0
 
 
 def test_chat_streams_block_by_block(servers, engine):
@@ -162,6 +201,30 @@ def test_chat_streams_block_by_block(servers, engine):
     assert "".join(d["delta"]["content"] for d in deltas) == text
     assert deltas[-1]["finish_reason"] == reason
     assert chunks[-1]["usage"]["completion_tokens"] == completion
+    assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == len(ids) // 8 * 8
+
+
+def _stats(url: str) -> dict:
+    return requests.get(f"{url}/stats", timeout=10).json()
+
+
+def test_a_client_that_disconnects_frees_its_row(servers):
+    """A stream of 1000 tokens, one per forward, dropped after its first event: the replica
+    cancels the request and frees its row (the loop counts it cancelled, not finished)."""
+    open_url, _ = servers
+    before = _stats(open_url)["loop"]
+    body = {"model": MODEL, "prompt": "import os", "max_tokens": 1000, "threshold": 1.0,
+            "stream": True}  # fmt: skip
+    with requests.post(f"{open_url}/v1/completions", data=json.dumps(body), headers=JSON,
+                       stream=True, timeout=60) as r:  # fmt: skip
+        next(r.iter_lines())
+    deadline = time.monotonic() + 30
+    while (after := _stats(open_url)["loop"])["cancelled"] == before["cancelled"]:
+        assert time.monotonic() < deadline, after
+        time.sleep(0.2)
+    assert after["cancelled"] == before["cancelled"] + 1 and after["running"] == 0
+    assert after["finished"] == before["finished"]
+    assert after["batch_size_histogram"] and after["mean_time_to_first_block_s"] > 0
 
 
 def test_concurrent_requests_each_get_their_own_answer(servers, engine):
@@ -231,8 +294,10 @@ def test_api_key_is_required_when_set(servers):
     body = {"model": MODEL, "prompt": "import os", "max_tokens": 8}
     assert requests.get(f"{secure_url}/health", timeout=10).ok  # probes need no key
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
-        r = _post(f"{secure_url}/v1/completions", body, headers)
-        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        # The key is checked first: a malformed body without it is a 401, not a 400.
+        for sent in (body, "{not json", {"model": MODEL, "max_tokens": -1}):
+            r = _post(f"{secure_url}/v1/completions", sent, headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert (
             requests.get(f"{secure_url}/v1/models", headers=headers, timeout=10).status_code == 401
         )

@@ -5,13 +5,10 @@ stream at block size 1), so a speed ratio between the two measures the algorithm
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-
 import torch
 
-from llada_ray.decoding.batch import Decoder, StopCheck
-from llada_ray.decoding.sampling import Generation, Sampling, choose
+from llada_ray.decoding.batch import CachedBatch, Decoder, RecomputeBatch, Run
+from llada_ray.decoding.sampling import choose
 
 
 class ARDecoder(Decoder):
@@ -20,43 +17,53 @@ class ARDecoder(Decoder):
     def step_shapes(self) -> list[tuple[int, int, int]]:
         return [(1, 1, 1)]
 
+    def open(self) -> ARRun:
+        return ARRun(self, self._batch())
+
+
+class ARRun(Run):
+    """A running batch of next-token decodes: a step is one token for every request; requests
+    join at any step (their prompt but its last token prefilled, the last token their first
+    query)."""
+
+    def __init__(self, decoder: ARDecoder, batch: CachedBatch | RecomputeBatch) -> None:
+        super().__init__(batch)
+        self.decoder = decoder
+        self.ids = torch.zeros((0, 1), dtype=torch.long, device=batch.device)  # [R, 1] queries
+        self.index = torch.zeros_like(self.ids)  # their positions
+
+    def _admit(self) -> None:
+        if not self.joining:
+            return
+        device = self.batch.device
+        restored = self.batch.add([r.prompt[:-1] for r in self.joining], 1)
+        ids = torch.tensor([[r.prompt[-1]] for r in self.joining], device=device)
+        index = torch.tensor([[len(r.prompt) - 1] for r in self.joining], device=device)
+        self.ids, self.index = torch.cat([self.ids, ids]), torch.cat([self.index, index])
+        for request, cached in zip(self.joining, restored, strict=True):
+            request.out.cached_tokens = cached
+        self.requests += self.joining
+        self.joining = []
+
+    def _select(self, rows: torch.Tensor) -> None:
+        self.ids, self.index = self.ids[rows], self.index[rows]
+
     @torch.no_grad()
-    def stream(
-        self,
-        prompts: list[list[int]],
-        sampling: Sampling | list[Sampling],
-        seeds: list[int | None] | None = None,
-        stop: StopCheck | None = None,
-    ) -> Iterator[list[Generation]]:
-        """Yields every request's Generation (growing in place) after each token."""
-        started = time.perf_counter()
-        samplings, generators, out = self._start(prompts, sampling, seeds)
-        R = len(prompts)
-        batch = self._batch(R)
-        device = batch.device
-        # The prompt but its last token is context; the last one is the first step's query.
-        batch.prefill([p[:-1] for p in prompts], 1)
-        ids = torch.tensor([[p[-1]] for p in prompts], device=device)
-        index = torch.tensor([[len(p) - 1] for p in prompts], device=device)
-        alive = list(range(R))
-        while alive:
-            logits = batch.forward(ids, index, 1, clean=True, keep=True)
-            logits[..., self.mask] = float("-inf")
-            tokens, _ = choose(
-                logits,
-                [samplings[r] for r in alive],
-                [generators[r] for r in alive],
-                [True] * len(alive),
-            )
-            now = time.perf_counter() - started
-            for w, r in enumerate(alive):
-                out[r].forwards += 1
-                check = None if stop is None else (lambda r=r: stop(r, out[r].tokens))
-                self._extend(out[r], [int(tokens[w, 0])], samplings[r], check, now)
-            yield out
-            keep = [w for w, r in enumerate(alive) if not out[r].done]
-            rows = torch.tensor(keep, dtype=torch.long, device=device)
-            if len(keep) < len(alive):
-                batch.select(rows)
-                alive = [alive[w] for w in keep]
-            ids, index = tokens[rows], index[rows] + 1
+    def step(self) -> None:
+        self._admit()
+        self._drop_cancelled()
+        if not self.requests:
+            return
+        logits = self.batch.forward(self.ids, self.index, 1, clean=True, keep=True)
+        logits[..., self.decoder.mask] = float("-inf")
+        tokens, _ = choose(
+            logits,
+            [r.sampling for r in self.requests],
+            [r.generator for r in self.requests],
+            [True] * len(self.requests),
+        )
+        for w, r in enumerate(self.requests):
+            r.out.forwards += 1
+            self.decoder._extend(r, [int(tokens[w, 0])])
+        self.ids, self.index = tokens, self.index + 1
+        self._keep([w for w, r in enumerate(self.requests) if not r.out.done])

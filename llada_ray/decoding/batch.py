@@ -1,18 +1,23 @@
 """The state both decoders share: a batch of requests over one model and its context.
 
-Two implementations with one interface (`prefill`, `commit`, `forward`, `select`):
+Two implementations with one interface (`add`, `commit`, `forward`, `select`):
   - `CachedBatch`: the static-shape engine (engine.py): a preallocated KV cache, bucketed and
     compiled steps. What the decoders run.
   - `RecomputeBatch`: no cache; every forward recomputes the whole context, clean and
     block-causal, eagerly, with the model's own attention backend. The reference the engine is
     tested against (`use_cache=False`), and the benchmark's no-cache baseline.
-Rows that finish are dropped (`select`), so a long request does not make the short ones of its
-batch pay for it.
+Rows join between forwards (`add`) and leave when they finish (`select`), so a long request
+does not make the short ones of its batch pay for it, and a new one need not wait for it: that
+is continuous batching, driven by a decoder's `Run`.
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -42,30 +47,47 @@ def left_padded(rows: list[list[int]], device: torch.device) -> tuple[torch.Tens
 
 
 class CachedBatch:
-    """A batch on the static engine. Each row's context is its positions [0, context): committed
-    clean tokens in the cache. `commit` holds clean tokens back until the next forward, which
-    writes them along with its queries (committing a finished block costs no forward of its
-    own); the queries' keys and values are written at their positions too, and overwritten by
-    the next step unless `keep` made them context (AR decoding)."""
+    """Rows on the static engine, row w in cache row w. Each row's context is its positions
+    [0, context): committed clean tokens in the cache. `commit` holds clean tokens back until the
+    next forward, which writes them along with its queries (committing a finished block costs no
+    forward of its own); the queries' keys and values are written at their positions too, and
+    overwritten by the next step unless `keep` made them context (AR decoding). Rows join
+    (`add`) between forwards and leave (`select`) at any point."""
 
-    def __init__(self, engine: StaticEngine, rows: int) -> None:
-        if rows > engine.max_batch:
-            raise ValueError(f"a batch of {rows} requests exceeds max_batch {engine.max_batch}")
+    def __init__(self, engine: StaticEngine) -> None:
         self.engine = engine
         self.device = engine.device
-        self.context = torch.zeros(rows, dtype=torch.long, device=self.device)
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, positions)
+        self.context = torch.zeros(0, dtype=torch.long, device=self.device)
+        # (ids, positions, has): clean tokens each row commits with its next forward; a row
+        # without (`has` False: it joined since) sends copies of its queries there instead.
+        self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.written = 0  # positions below this may hold this batch's keys and values
 
-    def prefill(self, prompts: list[list[int]], block_size: int) -> None:
-        """The prompts' first tokens (whole blocks) as context."""
-        self.engine.prefill(prompts, block_size)
-        self.written = max(map(len, prompts), default=0)
-        self.context = torch.tensor([len(p) for p in prompts], device=self.device)
+    @property
+    def capacity(self) -> int:
+        return self.engine.max_batch
+
+    def add(self, prompts: list[list[int]], block_size: int) -> list[int]:
+        """New rows after the others, each with `prompts[i]` (whole blocks) as context; returns
+        how many of each prompt's tokens came from the prefix cache."""
+        first = len(self.context)
+        if first + len(prompts) > self.capacity:
+            raise ValueError(f"{first + len(prompts)} rows exceed max_batch {self.capacity}")
+        restored = self.engine.prefill(first, prompts, block_size)
+        self.written = max(self.written, *map(len, prompts))
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        self.context = torch.cat([self.context, lengths])
+        if self.pending is not None:
+            ids, index, has = self.pending
+            none = torch.zeros((len(prompts), ids.shape[1]), dtype=ids.dtype, device=self.device)
+            nothing = torch.zeros_like(lengths, dtype=torch.bool)
+            self.pending = (torch.cat([ids, none]), torch.cat([index, none]),
+                            torch.cat([has, nothing]))  # fmt: skip
+        return restored
 
     def commit(self, ids: torch.Tensor, index: torch.Tensor) -> None:
         """Clean tokens right after each row's context, written by the next forward."""
-        self.pending = (ids, index)
+        self.pending = (ids, index, torch.ones(len(ids), dtype=torch.bool, device=self.device))
 
     def forward(
         self,
@@ -82,15 +104,19 @@ class CachedBatch:
         flags = torch.full_like(ids, clean, dtype=torch.bool)
         committing = self.pending is not None
         if committing:  # after the queries: their logits are the first n
-            p_ids, p_index = self.pending
+            p_ids, p_index, has = self.pending
+            # A row with nothing to commit repeats its (noisy) queries: the same keys and values
+            # written twice at the same positions, so the step's shape stays one for all rows.
+            p_ids = torch.where(has[:, None], p_ids, ids)
+            p_index = torch.where(has[:, None], p_index, index)
             ids, index = torch.cat([ids, p_ids], 1), torch.cat([index, p_index], 1)
-            flags = torch.cat([flags, torch.ones_like(p_ids, dtype=torch.bool)], 1)
+            flags = torch.cat([flags, has[:, None].expand_as(p_ids) | flags], 1)
             self.pending = None
         end = int(index.max()) + 1
         logits = self.engine.step(ids, index, flags, self.context, block_size, n, end)
         self.written = max(self.written, end)
         if committing:  # the context ends after the committed tokens (last in the step)
-            self.context = index[:, -1] + 1
+            self.context = torch.where(has, index[:, -1] + 1, self.context)
         if keep:
             self.context = index[:, n - 1] + 1
         return logits
@@ -100,21 +126,27 @@ class CachedBatch:
         self.engine.cache.keep(rows, self.written)
         self.context = self.context[rows]
         if self.pending is not None:
-            self.pending = (self.pending[0][rows], self.pending[1][rows])
+            self.pending = tuple(x[rows] for x in self.pending)
 
 
 class RecomputeBatch:
     """The reference: committed context kept as tokens, recomputed by every forward (left-padded
     to a common width, so every row decodes as it would alone)."""
 
-    def __init__(self, dlm: DiffusionLM, rows: int) -> None:
-        self.dlm = dlm
+    def __init__(self, dlm: DiffusionLM, capacity: int) -> None:
+        self.dlm, self.capacity = dlm, capacity
         self.device = next(dlm.parameters()).device
-        empty = torch.zeros((rows, 0), dtype=torch.long, device=self.device)
+        empty = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         self.context = (empty, empty, empty)  # ids, index, doc of tokens already committed
 
-    def prefill(self, prompts: list[list[int]], block_size: int) -> None:
-        self.context = left_padded(prompts, self.device)
+    def add(self, prompts: list[list[int]], block_size: int) -> list[int]:
+        new = left_padded(prompts, self.device)
+        width = max(self.context[0].shape[1], new[0].shape[1])
+        self.context = tuple(
+            torch.cat([_pad_left(old, width, fill), _pad_left(x, width, fill)])
+            for old, x, fill in zip(self.context, new, (0, 0, PAD_DOC), strict=True)
+        )
+        return [0] * len(prompts)
 
     def commit(self, ids: torch.Tensor, index: torch.Tensor) -> None:
         doc = torch.full_like(ids, REAL_DOC)
@@ -146,11 +178,81 @@ class RecomputeBatch:
         self.context = tuple(x[rows] for x in self.context)
 
 
+def _pad_left(x: torch.Tensor, width: int, fill: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=fill)
+
+
+@dataclass(eq=False)
+class Request:
+    """One prompt in a running batch. `cancelled` may be set from any thread: the request leaves
+    at the batch's next step."""
+
+    prompt: list[int]
+    sampling: Sampling
+    generator: torch.Generator | None = None
+    stop: Callable[[list[int]], bool] | None = None  # tokens so far → finished?
+    out: Generation = field(default_factory=Generation)
+    cancelled: bool = False
+    started: float = 0.0  # when it joined the batch (perf_counter)
+
+
+class Run:
+    """A running batch: requests join (`add`) between steps, up to the batch's capacity, and
+    leave as soon as they finish or are cancelled. What a step is depends on the decoder: a block
+    for every request, or a token."""
+
+    def __init__(self, batch: CachedBatch | RecomputeBatch) -> None:
+        self.batch = batch
+        self.requests: list[Request] = []  # working row → request
+        self.joining: list[Request] = []  # added since the last step
+
+    @property
+    def room(self) -> int:
+        return self.batch.capacity - len(self.requests) - len(self.joining)
+
+    def __bool__(self) -> bool:
+        return bool(self.requests or self.joining)
+
+    def add(self, request: Request) -> None:
+        if self.room < 1:
+            raise ValueError(f"the batch is full ({self.batch.capacity} requests)")
+        request.started = time.perf_counter()
+        self.joining.append(request)
+
+    def step(self) -> None:
+        """Admit the requests that joined, then advance every request by one step."""
+        raise NotImplementedError
+
+    def _keep(self, keep: list[int]) -> None:
+        """Only these working rows stay (increasing)."""
+        if len(keep) == len(self.requests):
+            return
+        rows = torch.tensor(keep, dtype=torch.long, device=self.batch.device)
+        self.batch.select(rows)
+        self.requests = [self.requests[w] for w in keep]
+        self._select(rows)
+
+    def _select(self, rows: torch.Tensor) -> None:
+        """The decoder's own per-row state follows `_keep`."""
+        raise NotImplementedError
+
+    def _cancelled(self) -> list[bool]:
+        """Per working row, whether its request was cancelled (marked finished: it leaves)."""
+        for r in self.requests:
+            if r.cancelled and not r.out.done:
+                r.out.finish_reason = "cancelled"
+        return [r.cancelled for r in self.requests]
+
+    def _drop_cancelled(self) -> None:
+        self._keep([w for w, c in enumerate(self._cancelled()) if not c])
+
+
 StopCheck = Callable[[int, list[int]], bool]  # (request index, tokens so far) → finished?
 
 
 class Decoder:
-    """What every decoder shares: per-request settings, the context limit, when a request ends."""
+    """What every decoder shares: per-request settings, the context limit, when a request ends,
+    and running batches (`open`) that requests join and leave between steps."""
 
     def __init__(
         self,
@@ -168,9 +270,8 @@ class Decoder:
         if max_length is not None and max_length > context:
             raise ValueError(f"max_length {max_length} exceeds the model's context ({context})")
         self.max_length: int = max_length or context
-        self.engine = (
-            StaticEngine(dlm, self.max_length, engine or EngineOptions()) if use_cache else None
-        )
+        self.options = engine or EngineOptions()
+        self.engine = StaticEngine(dlm, self.max_length, self.options) if use_cache else None
 
     def step_shapes(self) -> list[tuple[int, int, int]]:
         """(queries, block size, logits) of every step this decoder runs."""
@@ -181,10 +282,14 @@ class Decoder:
         if self.engine is not None:
             self.engine.warm_up(self.step_shapes(), rows)
 
-    def _batch(self, rows: int) -> CachedBatch | RecomputeBatch:
+    def open(self) -> Run:
+        """An empty running batch."""
+        raise NotImplementedError
+
+    def _batch(self) -> CachedBatch | RecomputeBatch:
         if self.engine is None:
-            return RecomputeBatch(self.dlm, rows)
-        return CachedBatch(self.engine, rows)
+            return RecomputeBatch(self.dlm, self.options.max_batch)
+        return CachedBatch(self.engine)
 
     def positions_needed(self, prompt_length: int, max_new_tokens: int) -> int:
         return prompt_length + max_new_tokens
@@ -199,6 +304,19 @@ class Decoder:
                 f"prompt ({prompt_length} tokens) plus max_tokens ({max_new_tokens}) needs "
                 f"{needed} positions; the model's context is {self.max_length}"
             )
+
+    def request(
+        self,
+        prompt: list[int],
+        sampling: Sampling,
+        seed: int | None = None,
+        stop: Callable[[list[int]], bool] | None = None,
+    ) -> Request:
+        """A request this decoder can run (or a ValueError saying why not)."""
+        self.check(len(prompt), sampling.max_new_tokens)
+        device = next(self.dlm.parameters()).device
+        generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+        return Request(list(prompt), sampling, generator, stop)
 
     def generate(
         self,
@@ -219,42 +337,33 @@ class Decoder:
         seeds: list[int | None] | None = None,
         stop: StopCheck | None = None,
     ) -> Iterator[list[Generation]]:
-        raise NotImplementedError
-
-    def _start(
-        self,
-        prompts: list[list[int]],
-        sampling: Sampling | list[Sampling],
-        seeds: list[int | None] | None,
-    ) -> tuple[list[Sampling], list[torch.Generator | None], list[Generation]]:
+        """Yields every prompt's Generation (growing in place) after each step. Prompts join a
+        running batch in order as rows free up, so there may be more than `max_batch`."""
         samplings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
-        for p, s in zip(prompts, samplings, strict=True):
-            self.check(len(p), s.max_new_tokens)
-        device = next(self.dlm.parameters()).device
-        generators = [
-            None if seed is None else torch.Generator(device).manual_seed(seed)
-            for seed in (seeds or [None] * len(prompts))
+        seeds = seeds or [None] * len(prompts)
+        requests = [
+            self.request(p, s, seed, None if stop is None else partial(stop, i))
+            for i, (p, s, seed) in enumerate(zip(prompts, samplings, seeds, strict=True))
         ]
-        return samplings, generators, [Generation() for _ in prompts]
+        run, waiting = self.open(), deque(requests)
+        while run or waiting:
+            while waiting and run.room:
+                run.add(waiting.popleft())
+            run.step()
+            yield [r.out for r in requests]
 
-    def _extend(
-        self,
-        g: Generation,
-        new: list[int],
-        s: Sampling,
-        stop: Callable[[], bool] | None,
-        seconds: float,
-    ) -> None:
-        """Append a step's tokens; end at EOS, at max_new_tokens, or when `stop()` says so."""
+    def _extend(self, r: Request, new: list[int]) -> None:
+        """Append a step's tokens; end at EOS, at max_new_tokens, or when `r.stop` says so."""
+        g, s = r.out, r.sampling
         new = new[: s.max_new_tokens - len(g.tokens)]
         if self.eos in new:
             g.tokens += new[: new.index(self.eos) + 1]
             g.finish_reason = "stop"
         else:
             g.tokens += new
-            if stop is not None and stop():
+            if r.stop is not None and r.stop(g.tokens):
                 g.finish_reason = "stop"
             elif len(g.tokens) >= s.max_new_tokens:
                 g.finish_reason = "length"
         if g.done:
-            g.seconds = seconds
+            g.seconds = time.perf_counter() - r.started

@@ -11,14 +11,11 @@ decoding with it gives the tokens of decoding without it.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-
 import torch
 
-from llada_ray.decoding.batch import Decoder, StopCheck
+from llada_ray.decoding.batch import CachedBatch, Decoder, RecomputeBatch, Run
 from llada_ray.decoding.engine import EngineOptions
-from llada_ray.decoding.sampling import Generation, Sampling, choose
+from llada_ray.decoding.sampling import choose
 from llada_ray.model.adapter import DiffusionLM
 
 
@@ -37,6 +34,10 @@ class BlockDecoder(Decoder):
     ) -> None:
         super().__init__(dlm, eos_token_id, use_cache, max_length, engine)
         self.block_size = block_size
+        if self.options.prefix_cache_mb and self.options.page % block_size:
+            # A page's keys and values must depend on its own tokens and earlier ones only.
+            raise ValueError(f"prefix cache page {self.options.page} is not whole blocks of "
+                             f"{block_size}")  # fmt: skip
 
     def step_shapes(self) -> list[tuple[int, int, int]]:
         """A block alone, and a block with the previous one committing along."""
@@ -65,98 +66,114 @@ class BlockDecoder(Decoder):
         end = torch.minimum(wanted, eos_at + 1)
         return (blocks == self.mask) & (position < end[:, None]), (eos_at < B) | (wanted <= B)
 
-    @torch.no_grad()
-    def stream(
-        self,
-        prompts: list[list[int]],
-        sampling: Sampling | list[Sampling],
-        seeds: list[int | None] | None = None,
-        stop: StopCheck | None = None,
-    ) -> Iterator[list[Generation]]:
-        """Yields every request's Generation (growing in place) after each decoded block.
+    def open(self) -> BlockRun:
+        return BlockRun(self, self._batch())
 
-        Only open positions (see `_open`) are accepted, by threshold or forced, so every forward
-        decides a token of the output. A request whose output is complete leaves the batch before
-        the next forward; the others finish the block.
-        """
-        started = time.perf_counter()
-        samplings, generators, out = self._start(prompts, sampling, seeds)
-        B, R = self.block_size, len(prompts)
-        batch = self._batch(R)
-        device = batch.device
+
+class BlockRun(Run):
+    """A running batch of block decodes. A step decodes one block of every request: forwards
+    until no position of any block is open. Requests that joined since the last step start it
+    with their first block (their prompt's whole blocks prefilled as they join), so they wait for
+    at most one block of the others.
+
+    Only open positions (see `BlockDecoder._open`) are accepted, by threshold or forced, so every
+    forward decides a token of the output. A request whose output is complete leaves before the
+    next forward; the others finish the block.
+    """
+
+    def __init__(self, decoder: BlockDecoder, batch: CachedBatch | RecomputeBatch) -> None:
+        super().__init__(batch)
+        self.decoder = decoder
+        B, device = decoder.block_size, batch.device
+        self.blocks = torch.zeros((0, B), dtype=torch.long, device=device)  # [R, B]
+        self.block_start = torch.zeros(0, dtype=torch.long, device=device)  # [R]
+
+    def _admit(self) -> None:
+        """The joining requests' prompts: whole blocks become context, the tail (if any) the
+        start of their first block."""
+        if not self.joining:
+            return
+        B, device = self.decoder.block_size, self.batch.device
+        prompts = [r.prompt for r in self.joining]
         starts = [len(p) // B * B for p in prompts]
-        batch.prefill([p[:s] for p, s in zip(prompts, starts, strict=True)], B)
-        blocks = torch.full((R, B), self.mask, dtype=torch.long, device=device)
+        restored = self.batch.add([p[:s] for p, s in zip(prompts, starts, strict=True)], B)
+        blocks = torch.full((len(prompts), B), self.decoder.mask, dtype=torch.long, device=device)
         for r, (p, s) in enumerate(zip(prompts, starts, strict=True)):
             blocks[r, : len(p) - s] = torch.tensor(p[s:], device=device)
-        block_start = torch.tensor(starts, device=device)
-        alive = list(range(R))  # working row → request
+        self.blocks = torch.cat([self.blocks, blocks])
+        self.block_start = torch.cat([self.block_start, torch.tensor(starts, device=device)])
+        for request, cached in zip(self.joining, restored, strict=True):
+            request.out.cached_tokens = cached
+        self.requests += self.joining
+        self.joining = []
 
-        def given_of(r: int, w: int) -> int:
-            return max(0, len(prompts[r]) - int(block_start[w]))
+    def _select(self, rows: torch.Tensor) -> None:
+        self.blocks, self.block_start = self.blocks[rows], self.block_start[rows]
 
-        def keep_rows(keep: list[int]) -> None:
-            nonlocal blocks, block_start, alive
-            rows = torch.tensor(keep, dtype=torch.long, device=device)
-            batch.select(rows)
-            blocks, block_start = blocks[rows], block_start[rows]
-            alive = [alive[w] for w in keep]
+    def _given(self) -> torch.Tensor:
+        """Per row, how many positions of its block hold its prompt's tail."""
+        starts = self.block_start.tolist()
+        tails = [max(0, len(r.prompt) - s) for r, s in zip(self.requests, starts, strict=True)]
+        return torch.tensor(tails, dtype=torch.long, device=self.batch.device)
 
-        while alive:
-            index = block_start[:, None] + torch.arange(B, device=device)
-            given = torch.tensor([given_of(r, w) for w, r in enumerate(alive)], device=device)
-            wanted = given + torch.tensor(
-                [samplings[r].max_new_tokens - len(out[r].tokens) for r in alive], device=device
-            )
-            thresholds = torch.tensor([samplings[r].threshold for r in alive], device=device)
-            min_accept = torch.tensor([samplings[r].min_accept for r in alive], device=device)
-            while True:
-                open_, ends = self._open(blocks, given, wanted)
-                running = open_.any(-1)
-                if (done := ~running & ends).any():  # complete: leave before the next forward
-                    now = time.perf_counter() - started
-                    for w in done.nonzero().flatten().tolist():
-                        r = alive[w]
-                        self._extend(out[r], blocks[w, given_of(r, w) :].tolist(), samplings[r],
-                                     None, now)  # fmt: skip
-                    keep = (~done).nonzero().flatten()
-                    keep_rows(keep.tolist())
-                    index, given, wanted, thresholds, min_accept = (
-                        x[keep] for x in (index, given, wanted, thresholds, min_accept)
-                    )
-                    open_, running = open_[keep], running[keep]
-                if not running.any():
-                    break
-                active = running.tolist()
-                logits = batch.forward(blocks, index, B, clean=False)
-                logits[..., self.mask] = float("-inf")  # a mask is never a candidate
-                candidates, confidence = choose(
-                    logits, [samplings[r] for r in alive], [generators[r] for r in alive], active
+    @torch.no_grad()
+    def step(self) -> None:
+        self._admit()
+        self._drop_cancelled()
+        if not self.requests:
+            return
+        d, batch = self.decoder, self.batch
+        B, device = d.block_size, batch.device
+        index = self.block_start[:, None] + torch.arange(B, device=device)
+        given = self._given()
+        wanted = given + torch.tensor(
+            [r.sampling.max_new_tokens - len(r.out.tokens) for r in self.requests], device=device
+        )
+        thresholds = torch.tensor([r.sampling.threshold for r in self.requests], device=device)
+        min_accept = torch.tensor([r.sampling.min_accept for r in self.requests], device=device)
+        while True:
+            open_, ends = d._open(self.blocks, given, wanted)
+            running = open_.any(-1)
+            cancelled = torch.tensor(self._cancelled(), dtype=torch.bool, device=device)
+            complete = ~running & ends & ~cancelled
+            if (done := complete | cancelled).any():  # leave before the next forward
+                for w in complete.nonzero().flatten().tolist():
+                    d._extend(self.requests[w], self.blocks[w, int(given[w]) :].tolist())
+                keep = (~done).nonzero().flatten()
+                self._keep(keep.tolist())
+                index, given, wanted, thresholds, min_accept = (
+                    x[keep] for x in (index, given, wanted, thresholds, min_accept)
                 )
-                confidence = confidence.masked_fill(~open_, -1.0)
-                accept = (confidence > thresholds[:, None]) & open_
-                # At least min_accept per row (as many as are open): its most confident.
-                need = torch.minimum(min_accept, open_.sum(-1))
-                if (short := accept.sum(-1) < need).any():
-                    ranked = confidence.topk(int(need.max()), -1).indices
-                    wanted_rank = torch.arange(ranked.shape[1], device=device) < need[:, None]
-                    forced = torch.zeros_like(accept).scatter_(1, ranked, wanted_rank)
-                    accept |= forced & short[:, None]
-                for w, r in enumerate(alive):
-                    out[r].forwards += active[w]
-                blocks = torch.where(accept, candidates, blocks)
-
-            now = time.perf_counter() - started
-            for w, r in enumerate(alive):
-                check = None if stop is None else (lambda r=r: stop(r, out[r].tokens))
-                self._extend(out[r], blocks[w, given_of(r, w) :].tolist(), samplings[r], check, now)
-            yield out
-            keep = [w for w, r in enumerate(alive) if not out[r].done]
-            if len(keep) < len(alive):
-                index = index[keep]
-                keep_rows(keep)
-            if not alive:
+                open_, running = open_[keep], running[keep]
+            if not running.any():
                 break
-            batch.commit(blocks, index)
-            block_start = block_start + B
-            blocks = torch.full_like(blocks, self.mask)
+            active = running.tolist()
+            logits = batch.forward(self.blocks, index, B, clean=False)
+            logits[..., d.mask] = float("-inf")  # a mask is never a candidate
+            candidates, confidence = choose(
+                logits,
+                [r.sampling for r in self.requests],
+                [r.generator for r in self.requests],
+                active,
+            )
+            confidence = confidence.masked_fill(~open_, -1.0)
+            accept = (confidence > thresholds[:, None]) & open_
+            # At least min_accept per row (as many as are open): its most confident.
+            need = torch.minimum(min_accept, open_.sum(-1))
+            if (short := accept.sum(-1) < need).any():
+                ranked = confidence.topk(int(need.max()), -1).indices
+                wanted_rank = torch.arange(ranked.shape[1], device=device) < need[:, None]
+                forced = torch.zeros_like(accept).scatter_(1, ranked, wanted_rank)
+                accept |= forced & short[:, None]
+            for r, a in zip(self.requests, active, strict=True):
+                r.out.forwards += a
+            self.blocks = torch.where(accept, candidates, self.blocks)
+
+        for w, r in enumerate(self.requests):
+            d._extend(r, self.blocks[w, int(given[w]) :].tolist())
+        keep = [w for w, r in enumerate(self.requests) if not r.out.done]
+        self._keep(keep)
+        if self.requests:
+            batch.commit(self.blocks, index[keep])
+            self.block_start = self.block_start + B
+            self.blocks = torch.full_like(self.blocks, d.mask)

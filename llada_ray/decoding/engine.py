@@ -13,8 +13,8 @@ step sees comes from a small fixed set, so torch.compile traces each once, at wa
     the training kernel: at decode its block mask changes with every key length, which is
     exactly the recompilation it must not have.
 On CUDA the compiled steps are CUDA graphs (`mode="reduce-overhead"`); the cache tensors are
-marked static addresses, so the graphs write them in place. A prefill (the prompts' first
-tokens, once per batch) is a step too, its width a length bucket.
+marked static addresses, so the graphs write them in place. A prefill (a prompt's whole blocks,
+once as it joins) runs eagerly, after copying what the prefix cache holds of it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from llada_ray.decoding.prefix import PrefixCache
 from llada_ray.diffusion.masks import allowed
 from llada_ray.model.adapter import DiffusionLM
 
@@ -37,11 +38,14 @@ UNUSED_DOC = -1  # the document of cache columns no token of this step's rows ho
 class EngineOptions:
     """The engine's shape limits: rows decoded together, the length bucket, and whether to
     compile: "on" (CUDA graphs on CUDA, inductor on CPU), "off" (eager), "auto" (on for CUDA;
-    off on CPU, where compiling every bucket takes minutes on a laptop's cores)."""
+    off on CPU, where compiling every bucket takes minutes on a laptop's cores). A prefix cache
+    of `prefix_cache_mb` (0: none) keeps prompt pages of `page` tokens across requests."""
 
     max_batch: int = 16
     length_bucket: int = 256
     compile: Compile = "auto"
+    prefix_cache_mb: float = 0.0
+    page: int = 32
 
 
 def length_buckets(max_length: int, bucket: int) -> list[int]:
@@ -97,26 +101,29 @@ class KVCache:
 
 
 class CachedAttention:
-    """A step's attention: write the queries' keys and values at their positions, then attend
-    over the cache's first `mask.shape[-1]` columns under `mask` [rows, 1, n, L]."""
+    """A step's attention for cache rows [first, first + rows): write the queries' keys and
+    values at their positions, then attend over the first `mask.shape[-1]` columns under `mask`
+    [rows, 1, n, L]."""
 
-    def __init__(self, cache: KVCache, positions: torch.Tensor, mask: torch.Tensor) -> None:
-        self.cache, self.positions, self.mask = cache, positions, mask
+    def __init__(
+        self, cache: KVCache, positions: torch.Tensor, mask: torch.Tensor, first: int = 0
+    ) -> None:
+        self.cache, self.positions, self.mask, self.first = cache, positions, mask, first
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, layer: int
     ) -> torch.Tensor:
-        rows, length = self.mask.shape[0], self.mask.shape[-1]
+        rows, length, first = self.mask.shape[0], self.mask.shape[-1], self.first
         keys, values = self.cache.keys[layer], self.cache.values[layer]
         # index_put on the whole tensor, not a scatter into a view of it: compiled, the write
         # happens in place (a view's would be materialised and copied back).
-        row = torch.arange(rows, device=q.device)[:, None]
+        row = torch.arange(first, first + rows, device=q.device)[:, None]
         keys[row, :, self.positions] = k.transpose(1, 2)
         values[row, :, self.positions] = v.transpose(1, 2)
         return F.scaled_dot_product_attention(
             q,
-            keys[:rows, :, :length],
-            values[:rows, :, :length],
+            keys[first : first + rows, :, :length],
+            values[first : first + rows, :, :length],
             attn_mask=self.mask,
             scale=scale,
             enable_gqa=True,
@@ -155,7 +162,7 @@ class StaticEngine:
     """Runs a DiffusionLM step by step over a KVCache, compiled per shape bucket.
 
     A step's shape is (rows, queries, keys, logits, block size); compiled, rows round up to a
-    batch bucket, keys and a prefill's queries to a length bucket (eager, nothing is padded).
+    batch bucket and keys to a length bucket (eager, nothing is padded; prefills are eager).
     The mask is computed inside the step from the queries' positions and flags (fused into the
     graph: no mask tensor crosses the call). A shape's first call compiles it; `warm_up`
     compiles ahead.
@@ -167,6 +174,11 @@ class StaticEngine:
         self.batches = batch_buckets(options.max_batch)
         self.cache = KVCache(dlm, options.max_batch, self.lengths[-1])
         self.device = self.cache.keys[0].device
+        self.prefix = (
+            PrefixCache(self.cache.keys, self.cache.values, options.page, options.prefix_cache_mb)
+            if options.prefix_cache_mb > 0
+            else None
+        )
         self.compiled = None
         self.warm: set[tuple[int, ...]] = set()  # shapes compiled so far
         cuda = self.device.type == "cuda"
@@ -198,25 +210,43 @@ class StaticEngine:
         length: int,
         block: int,
         logits_for: int,
+        first: int = 0,
     ) -> torch.Tensor:
         mask = step_mask(positions, clean, context, length, block)
-        runner = CachedAttention(self.cache, positions, mask)
+        runner = CachedAttention(self.cache, positions, mask, first)
         return self.dlm(ids, runner, positions, logits_for=logits_for)
 
-    def prefill(self, prompts: list[list[int]], block: int) -> None:
-        """Write each row's first tokens at positions 0..len-1: clean, block-causal, each row's
-        a whole number of blocks. Rows shorter than the width (a bucket, compiled) are padded on
-        positions their own later tokens overwrite before anything attends to them."""
-        longest = max(map(len, prompts), default=0)
-        if longest == 0:
-            return
-        width = self._bucket(self.lengths, longest)
-        ids = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
-        for r, p in enumerate(prompts):
-            ids[r, : len(p)] = torch.tensor(p, dtype=torch.long, device=self.device)
-        positions = torch.arange(width, device=self.device).expand(len(prompts), width)
-        context = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
-        self.step(ids, positions, torch.ones_like(ids, dtype=torch.bool), context, block, 0, width)
+    @torch.no_grad()
+    def prefill(self, first: int, prompts: list[list[int]], block: int) -> list[int]:
+        """Rows first, first+1, …: write each prompt's tokens at positions 0..len-1, clean and
+        block-causal (each a whole number of blocks). Pages found in the prefix cache are
+        copied, the rest computed in one forward; returns the tokens restored per row.
+
+        Eager at every setting: a prefill runs once per request, and its width is the prompt's,
+        where a compiled step would need a graph per (width, length) pair. Rows shorter than
+        the widest are padded on positions after their own, which their later tokens overwrite
+        before anything attends to them."""
+        if first + len(prompts) > self.max_batch:
+            raise ValueError(f"rows {first}..{first + len(prompts) - 1} exceed max_batch")
+        restored = [
+            0 if self.prefix is None else self.prefix.load(p, first + r)
+            for r, p in enumerate(prompts)
+        ]
+        width = max((len(p) - h for p, h in zip(prompts, restored, strict=True)), default=0)
+        if width:
+            ids = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
+            for r, (p, h) in enumerate(zip(prompts, restored, strict=True)):
+                ids[r, : len(p) - h] = torch.tensor(p[h:], dtype=torch.long, device=self.device)
+            context = torch.tensor(restored, device=self.device)
+            positions = context[:, None] + torch.arange(width, device=self.device)
+            positions = positions.clamp(max=self.max_length - 1)  # padding only
+            end = int(positions.max()) + 1
+            clean = torch.ones_like(ids, dtype=torch.bool)
+            self._forward(ids, positions, clean, context, end, block, 0, first)
+        if self.prefix is not None:
+            for r, p in enumerate(prompts):
+                self.prefix.store(p, first + r)
+        return restored
 
     def _bucket(self, buckets: list[int], size: int) -> int:
         """The bucket a size rounds up to; eager, the size itself (padding would only cost)."""
@@ -224,13 +254,12 @@ class StaticEngine:
 
     @torch.no_grad()
     def warm_up(self, steps: list[tuple[int, int, int]], rows: list[int] | None = None) -> None:
-        """Compile ahead: every (queries, block, logits) step shape and the prefill of `block`
-        sizes, for each batch bucket in `rows` (default all) and each length bucket. The cache
-        rows are scratch until a batch starts, so this runs between batches only."""
+        """Compile ahead: every (queries, block, logits) step shape, for each batch bucket in
+        `rows` (default all) and each length bucket. The cache rows are scratch until a batch
+        starts, so this runs between batches only."""
         if self.compiled is None:
             return
         shapes = {(n, length, b, logits) for n, b, logits in steps for length in self.lengths}
-        shapes |= {(length, length, b, 0) for _, b, _ in steps for length in self.lengths}
         for r in rows or self.batches:
             for n, length, block, logits_for in sorted(shapes):
                 if n > length:

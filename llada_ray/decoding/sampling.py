@@ -34,8 +34,10 @@ class Generation:
 
     tokens: list[int] = field(default_factory=list)
     forwards: int = 0  # model calls this request took part in (cache writes ride along)
-    finish_reason: str | None = None  # "stop" (EOS or a stop condition) or "length" when done
-    seconds: float = 0.0  # wall time from the batch's start until this request finished
+    # When done: "stop" (EOS or a stop condition), "length", or "cancelled" (by its caller).
+    finish_reason: str | None = None
+    seconds: float = 0.0  # wall time from joining a batch until this request finished
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
     @property
     def done(self) -> bool:

@@ -165,12 +165,13 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str]) -> dict[str, di
         if cfg.scaling.use_gpu and torch.cuda.is_available():
             hf = hf.to("cuda", getattr(torch, cfg.model.dtype))
         dlm = DiffusionLM(hf, attention=cfg.model.attention)
-        engine = EngineOptions(ev.batch_size, ev.decoding.length_bucket, ev.decoding.compile)
+        engine = EngineOptions(ev.batch_size, ev.decoding.length_bucket, ev.decoding.compile,
+                               ev.decoding.prefix_cache_mb, block)  # fmt: skip
         if stage == "ar_sft":
             decoder: Decoder = ARDecoder(dlm, tok.eos_token_id, engine=engine)
         else:
             decoder = BlockDecoder(dlm, tok.eos_token_id, block, engine=engine)
-        result = evaluate(decoder, tok, examples, sampling, ev.batch_size)
+        result = evaluate(decoder, tok, examples, sampling)
         out[stage] = result.summary() | {"settings": tasks.describe(cfg.data.task)}
     return out
 

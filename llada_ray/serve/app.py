@@ -1,10 +1,11 @@
-"""The Ray Serve app: one deployment that batches requests dynamically and answers the OpenAI API.
+"""The Ray Serve app: one deployment that answers the OpenAI API from a continuously batched
+decode loop (serve/loop.py).
 
 `build(args)` is the app builder for `serve run` / `serve deploy` (serve/config.yaml) and for
-`llada-ray serve`. Requests are validated before they join a batch, so a bad request is answered
-with a 4xx at once and never touches the others; requests that pass decode together, each
-leaving the batch when it finishes. A batch runs to its end before the next one starts (not
-continuous batching): a request that arrives mid-batch waits for it.
+`llada-ray serve`. The API key is checked first, then the request is validated, so a bad
+request is answered with a 4xx at once and never touches the others; requests that pass join
+the replica's running batch at the next block boundary and leave it when they finish (or when
+their client goes away).
 """
 
 import asyncio
@@ -13,7 +14,6 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,15 +25,35 @@ from starlette.exceptions import HTTPException
 
 from llada_ray.config import ServeConfig
 from llada_ray.serve.engine import Job, RequestError, TextEngine, Update
+from llada_ray.serve.loop import DecodeError, EngineLoop
+from llada_ray.serve.metrics import ServeMetrics
 from llada_ray.serve.protocol import ChatRequest, CompletionRequest
 
 api = FastAPI(title="llada-ray", description="Block-diffusion LM behind the OpenAI API")
+api.state.api_key = None  # bytes when the deployment has a key (set by the replica)
+OPEN_PATHS = ("/health",)  # answered without the key (load balancers probe it)
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None):
-    kind = "authentication_error" if status == 401 else "invalid_request_error"
+    kind = {401: "authentication_error"}.get(status, "invalid_request_error")
+    kind = "server_error" if status >= 500 else kind
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status)
+
+
+@api.middleware("http")
+async def _authorize(request: Request, call_next):
+    """The key is checked before anything reads the body: an unknown client learns nothing
+    about what a valid request looks like (401, not 400)."""
+    key = request.app.state.api_key
+    if key is not None and not request.url.path.endswith(OPEN_PATHS):
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # Bytes: compare_digest refuses non-ASCII str, and headers arrive latin-1 decoded.
+        token_bytes = token.encode("latin-1", errors="replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token_bytes, key):
+            message = "missing or wrong API key (Authorization: Bearer …)"
+            return _error(401, message, code="invalid_api_key")
+    return await call_next(request)
 
 
 @api.exception_handler(RequestValidationError)
@@ -61,11 +81,19 @@ async def _http(request: Request, err: HTTPException) -> JSONResponse:
     return _error(err.status_code, str(err.detail))
 
 
-def _usage(prompt: int, completion: int) -> dict:
+@api.exception_handler(DecodeError)
+async def _decode_failed(request: Request, err: DecodeError) -> JSONResponse:
+    return _error(500, str(err), code="decode_failed")
+
+
+def _usage(finals: list[Update]) -> dict:
+    prompt = sum(u.prompt_tokens for u in finals)
+    completion = sum(u.completion_tokens for u in finals)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in finals)},
     }
 
 
@@ -89,32 +117,12 @@ class LLaDAServer:
     def __init__(self, cfg: ServeConfig) -> None:
         self.cfg = cfg
         self.engine = TextEngine.load(cfg)
-        self.decode.set_max_batch_size(cfg.max_batch_size)
-        self.decode.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        prefix = self.engine.decoder.engine.prefix if self.engine.decoder.engine else None
+        stats = ServeMetrics(cfg.max_batch_size, None if prefix is None else prefix.stats)
+        self.loop = EngineLoop(self.engine, stats)
         key = os.environ.get(cfg.api_key_env)
-        self.api_key = key.encode() if key else None
+        api.state.api_key = key.encode() if key else None
         self.created = int(time.time())
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def decode(self, jobs: list[Job]) -> AsyncIterator[list[Update | type[StopIteration]]]:
-        """One decoder run for the batch; every step hands each caller its update."""
-        steps = self.engine.run(jobs)
-        while (step := await asyncio.to_thread(next, steps, None)) is not None:
-            yield [StopIteration if u is None else u for u in step]
-
-    def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        # Bytes: compare_digest refuses non-ASCII str, and headers arrive latin-1 decoded.
-        token_bytes = token.encode("latin-1", errors="replace")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token_bytes, self.api_key):
-            raise RequestError(
-                "missing or wrong API key (Authorization: Bearer …)",
-                status=401,
-                code="invalid_api_key",
-            )
 
     def _check_model(self, name: str) -> None:
         if name != self.cfg.model_name:
@@ -150,9 +158,17 @@ class LLaDAServer:
     async def health(self) -> dict:
         return {"status": "ok"}
 
+    @api.get("/stats")
+    async def stats(self) -> dict:
+        """The decode loop (batch sizes formed, queue wait, time to first block) and the prefix
+        cache (hit rate, memory); the same figures go to Ray's metrics."""
+        return {
+            "loop": self.loop.stats.summary() | self.loop.load,
+            "prefix_cache": self.engine.prefix_stats,
+        }
+
     @api.get("/v1/models")
-    async def models(self, request: Request) -> dict:
-        self._authorize(request)
+    async def models(self) -> dict:
         card = {
             "id": self.cfg.model_name,
             "object": "model",
@@ -162,15 +178,13 @@ class LLaDAServer:
         return {"object": "list", "data": [card]}
 
     @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, request: Request):
-        self._authorize(request)
+    async def completions(self, body: CompletionRequest):
         self._check_model(body.model)
         jobs = self._jobs(body, [self.engine.encode_text(p) for p in body.prompts])
         return await self._respond(body, jobs, "text_completion", "cmpl")
 
     @api.post("/v1/chat/completions")
-    async def chat(self, body: ChatRequest, request: Request):
-        self._authorize(request)
+    async def chat(self, body: ChatRequest):
         self._check_model(body.model)
         ids = self.engine.encode_chat([m.plain() for m in body.messages])
         jobs = self._jobs(body, [ids])
@@ -201,16 +215,13 @@ class LLaDAServer:
         return head | {
             "object": kind,
             "choices": choices,
-            "usage": _usage(
-                sum(last.prompt_tokens for _, last in finals),
-                sum(last.completion_tokens for _, last in finals),
-            ),
+            "usage": _usage([last for _, last in finals]),
             "decoding": _decoding([last for _, last in finals]),
         }
 
     async def _collect(self, job: Job) -> tuple[str, Update]:
         parts, last = [], None
-        async for update in self.decode(job):
+        async for update in self.loop.submit(job).updates():
             parts.append(update.text)
             last = update
         return "".join(parts), last
@@ -221,7 +232,7 @@ class LLaDAServer:
 
         async def pump(i: int, job: Job) -> None:
             try:
-                async for update in self.decode(job):
+                async for update in self.loop.submit(job).updates():
                     await queue.put((i, update))
             except Exception as err:  # the stream ends with an error event, never hangs
                 await queue.put((i, err))
@@ -251,7 +262,7 @@ class LLaDAServer:
                     yield _sse(
                         {
                             "error": {
-                                "message": f"decoding failed: {update}",
+                                "message": str(update),
                                 "type": "server_error",
                                 "param": None,
                                 "code": None,
@@ -269,9 +280,7 @@ class LLaDAServer:
                 if update.finish_reason is not None:
                     finals.append(update)
             if usage:
-                totals = _usage(
-                    sum(u.prompt_tokens for u in finals), sum(u.completion_tokens for u in finals)
-                )
+                totals = _usage(finals)
                 yield _sse(head | {"choices": [], "usage": totals, "decoding": _decoding(finals)})
             yield _sse("[DONE]")
         finally:

@@ -6,7 +6,6 @@ No Ray here: the Serve deployment, the benchmarks and the demo all drive this on
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,14 +16,8 @@ from transformers import PreTrainedTokenizerBase
 
 from llada_ray.config import ServeConfig
 from llada_ray.data.chat import prompt_ids
-from llada_ray.decoding import (
-    ARDecoder,
-    BlockDecoder,
-    Decoder,
-    EngineOptions,
-    Generation,
-    Sampling,
-)
+from llada_ray.decoding import ARDecoder, BlockDecoder, Decoder, EngineOptions, Sampling
+from llada_ray.decoding.batch import Request
 from llada_ray.model import DiffusionLM, load_model
 from llada_ray.model.io import MODEL_FILES
 from llada_ray.storage import filesystem_for
@@ -59,15 +52,19 @@ class Update:
     text: str
     finish_reason: str | None
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # of the text returned so far (a stop string cuts them too)
+    cached_tokens: int  # prompt tokens the prefix cache held
     forwards: int
     seconds: float
 
 
 @dataclass
-class _Progress:
+class Progress:
+    """A job as it decodes: its decoder request and what has been given out."""
+
+    request: Request
     sent: int = 0  # characters of the decoded text already given out
-    finished: bool = False
+    updates: int = 0
 
 
 def fetch_model(uri: str, cfg: ServeConfig) -> Path:
@@ -97,7 +94,13 @@ class TextEngine:
     ) -> None:
         self.tokenizer, self.cfg = tokenizer, cfg
         eos = tokenizer.eos_token_id
-        engine = EngineOptions(cfg.max_batch_size, cfg.decoding.length_bucket, cfg.decoding.compile)
+        engine = EngineOptions(
+            cfg.max_batch_size,
+            cfg.decoding.length_bucket,
+            cfg.decoding.compile,
+            cfg.decoding.prefix_cache_mb,
+            cfg.block_size,
+        )
         length = min(cfg.max_length, dlm.hf.config.max_position_embeddings)
         self.decoder: Decoder = (
             BlockDecoder(dlm, eos, cfg.block_size, cfg.use_cache, length, engine)
@@ -171,52 +174,63 @@ class TextEngine:
         )
         return Job(prompt_ids, sampling, seed, stop)
 
-    def run(self, jobs: list[Job]) -> Iterator[list[Update | None]]:
-        """Decodes the jobs as one batch; per decoder step an Update for every job still going,
-        None for those that finished at an earlier step."""
-        progress = [_Progress() for _ in jobs]
+    def start(self, job: Job) -> Progress:
+        """The job as a decoder request, ready to join a running batch."""
+        stop = None
+        if job.stops:
 
-        def stopped(r: int, tokens: list[int]) -> bool:
-            stops = jobs[r].stops
-            return bool(stops) and _stop_at(self._text(tokens), stops) is not None
+            def stop(tokens: list[int]) -> bool:
+                return _stop_at(self._text(tokens), job.stops) is not None
 
-        steps = self.decoder.stream(
-            [j.prompt_ids for j in jobs],
-            [j.sampling for j in jobs],
-            [j.seed for j in jobs],
-            stop=stopped if any(j.stops for j in jobs) else None,
-        )
-        for generations in steps:
-            yield [
-                None if p.finished else self._update(job, g, p)
-                for job, g, p in zip(jobs, generations, progress, strict=True)
-            ]
+        return Progress(self.decoder.request(job.prompt_ids, job.sampling, job.seed, stop))
 
-    def _text(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
-
-    def _update(self, job: Job, g: Generation, p: _Progress) -> Update:
+    def update(self, job: Job, p: Progress) -> Update:
+        """What is new since the last update (text that may still turn into a stop string, or
+        half of a multi-byte character, is held back until it cannot)."""
+        g = p.request.out
         text = self._text(g.tokens)
         cut = _stop_at(text, job.stops)
+        tokens = len(g.tokens)
         if cut is not None:
             text = text[:cut]
+            tokens = self._tokens_for(g.tokens, cut)
         if g.done:
-            end, p.finished = len(text), True
+            end = len(text)
         else:
-            # Hold back what may still become a stop string, or half of a multi-byte character.
             end = len(text) - max((len(s) - 1 for s in job.stops), default=0)
             while end > 0 and text[end - 1] == "\ufffd":
                 end -= 1
         end = max(end, p.sent)
         delta, p.sent = text[p.sent : end], end
+        p.updates += 1
         return Update(
             delta,
             g.finish_reason,
             len(job.prompt_ids),
-            len(g.tokens),
+            tokens,
+            g.cached_tokens,
             g.forwards,
             g.seconds,
         )
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _tokens_for(self, tokens: list[int], chars: int) -> int:
+        """The fewest leading tokens whose text holds the first `chars` characters."""
+        low, high = 0, len(tokens)
+        while low < high:
+            mid = (low + high) // 2
+            if len(self._text(tokens[:mid])) >= chars:
+                high = mid
+            else:
+                low = mid + 1
+        return low
+
+    @property
+    def prefix_stats(self) -> dict | None:
+        engine = self.decoder.engine
+        return None if engine is None or engine.prefix is None else engine.prefix.stats.summary()
 
 
 def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
