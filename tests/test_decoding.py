@@ -227,3 +227,21 @@ def test_eos_inside_the_prompt_does_not_end_the_answer(dlm, tiny_tokenizer):
     assert [g.tokens for g in cached] == [g.tokens for g in plain]
     for g in cached:
         assert dlm.mask_token_id not in g.tokens and g.tokens
+
+
+@pytest.mark.parametrize("kind", ["block", "ar"])
+def test_ignore_eos_decodes_max_new_tokens_past_eos(dlm, tiny_tokenizer, kind):
+    """Take a token the model generates as EOS: decoding stops right after it, unless the
+    request ignores EOS, which decodes all its tokens (the same ones up to there)."""
+
+    def decoder(eos: int):
+        return BlockDecoder(dlm, eos, B) if kind == "block" else ARDecoder(dlm, eos)
+
+    prompt = _prompts()[1]
+    free = decoder(tiny_tokenizer.eos_token_id).generate([prompt], Sampling(0.5, max_new_tokens=20))
+    eos = free[0].tokens[3]
+    first = free[0].tokens.index(eos)
+    stops = decoder(eos).generate([prompt], Sampling(0.5, max_new_tokens=20))[0]
+    assert stops.tokens == free[0].tokens[: first + 1] and stops.finish_reason == "stop"
+    ignored = decoder(eos).generate([prompt], Sampling(0.5, max_new_tokens=20, ignore_eos=True))
+    assert ignored[0].tokens == free[0].tokens and ignored[0].finish_reason == "length"

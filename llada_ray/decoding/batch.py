@@ -356,7 +356,7 @@ class Decoder:
         """Append a step's tokens; end at EOS, at max_new_tokens, or when `r.stop` says so."""
         g, s = r.out, r.sampling
         new = new[: s.max_new_tokens - len(g.tokens)]
-        if self.eos in new:
+        if self.eos in new and not s.ignore_eos:
             g.tokens += new[: new.index(self.eos) + 1]
             g.finish_reason = "stop"
         else:

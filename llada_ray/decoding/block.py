@@ -49,19 +49,20 @@ class BlockDecoder(Decoder):
         return -(-(prompt_length + max_new_tokens) // self.block_size) * self.block_size
 
     def _open(
-        self, blocks: torch.Tensor, given: torch.Tensor, wanted: torch.Tensor
+        self, blocks: torch.Tensor, given: torch.Tensor, wanted: torch.Tensor, eos: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(open [R, B], ends [R]): the masked positions whose token can still reach the output,
         and whether the output ends inside this block.
 
         A position reaches the output before the request's token budget runs out and up to its
-        first generated EOS (the prompt's tail, `given` positions, may hold EOS too: chat
-        templates end turns with it). Accepted tokens are final, so once no position is open
-        the request's part of the block is decided, and if its output ends here it is done.
+        first generated EOS, in rows where `eos` says EOS ends the output (the prompt's tail,
+        `given` positions, may hold EOS too: chat templates end turns with it). Accepted tokens
+        are final, so once no position is open the request's part of the block is decided, and
+        if its output ends here it is done.
         """
         B = blocks.shape[1]
         position = torch.arange(B, device=blocks.device)
-        generated_eos = (blocks == self.eos) & (position >= given[:, None])
+        generated_eos = (blocks == self.eos) & (position >= given[:, None]) & eos[:, None]
         eos_at = torch.where(generated_eos, position, B).min(-1).values
         end = torch.minimum(wanted, eos_at + 1)
         return (blocks == self.mask) & (position < end[:, None]), (eos_at < B) | (wanted <= B)
@@ -131,8 +132,9 @@ class BlockRun(Run):
         )
         thresholds = torch.tensor([r.sampling.threshold for r in self.requests], device=device)
         min_accept = torch.tensor([r.sampling.min_accept for r in self.requests], device=device)
+        eos = torch.tensor([not r.sampling.ignore_eos for r in self.requests], device=device)
         while True:
-            open_, ends = d._open(self.blocks, given, wanted)
+            open_, ends = d._open(self.blocks, given, wanted, eos)
             running = open_.any(-1)
             cancelled = torch.tensor(self._cancelled(), dtype=torch.bool, device=device)
             complete = ~running & ends & ~cancelled
@@ -141,8 +143,8 @@ class BlockRun(Run):
                     d._extend(self.requests[w], self.blocks[w, int(given[w]) :].tolist())
                 keep = (~done).nonzero().flatten()
                 self._keep(keep.tolist())
-                index, given, wanted, thresholds, min_accept = (
-                    x[keep] for x in (index, given, wanted, thresholds, min_accept)
+                index, given, wanted, thresholds, min_accept, eos = (
+                    x[keep] for x in (index, given, wanted, thresholds, min_accept, eos)
                 )
                 open_, running = open_[keep], running[keep]
             if not running.any():

@@ -17,6 +17,7 @@ class Sampling:
     temperature: float = 0.0  # 0: greedy
     top_k: int | None = None
     top_p: float | None = None
+    ignore_eos: bool = False  # decode max_new_tokens whatever comes (benchmarks: fixed lengths)
 
     def __post_init__(self) -> None:
         # A bad setting would loop forever (min_accept 0) or divide by zero: refuse it here.

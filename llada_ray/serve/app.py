@@ -150,6 +150,7 @@ class LLaDAServer:
                         min_accept=body.min_accept,
                         seed=seed,
                         stop=body.stops,
+                        ignore_eos=body.ignore_eos,
                     )
                 )
         return jobs
@@ -227,7 +228,9 @@ class LLaDAServer:
         return "".join(parts), last
 
     async def _stream(self, jobs: list[Job], head: dict, chat: bool, usage: bool):
-        """SSE: a chunk per finished block of each choice, the finish reason, then [DONE]."""
+        """SSE: a chunk per finished block of each choice, the finish reason, then [DONE].
+        Events ready together go out as one message (the role with the first block, the last
+        block with the usage and [DONE]): each message is a hop through Serve's proxy."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, job: Job) -> None:
@@ -239,50 +242,48 @@ class LLaDAServer:
             finally:
                 await queue.put((i, None))
 
+        def event(i: int, update: Update | Exception) -> str:
+            if isinstance(update, Exception):
+                error = {"message": str(update), "type": "server_error", "param": None,
+                         "code": None}  # fmt: skip
+                return _sse({"error": error})
+            piece = (
+                {"delta": {"content": update.text}}
+                if chat
+                else {"text": update.text, "logprobs": None}
+            )
+            choice = {"index": i, **piece, "finish_reason": update.finish_reason}
+            return _sse(head | {"choices": [choice]})
+
         tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
         finals: list[Update] = []
+        ready: list[str] = []
+        if chat:
+            role = {"role": "assistant", "content": ""}
+            first = [{"index": i, "delta": role, "finish_reason": None} for i in range(len(jobs))]
+            ready.append(_sse(head | {"choices": first}))
         try:
-            if chat:
-                first = [
-                    {
-                        "index": i,
-                        "delta": {"role": "assistant", "content": ""},
-                        "finish_reason": None,
-                    }
-                    for i in range(len(jobs))
-                ]
-                yield _sse(head | {"choices": first})
             running = len(jobs)
             while running:
                 i, update = await queue.get()
-                if update is None:
-                    running -= 1
-                    continue
-                if isinstance(update, Exception):
-                    yield _sse(
-                        {
-                            "error": {
-                                "message": str(update),
-                                "type": "server_error",
-                                "param": None,
-                                "code": None,
-                            }
-                        }
-                    )
-                    continue
-                piece = (
-                    {"delta": {"content": update.text}}
-                    if chat
-                    else {"text": update.text, "logprobs": None}
-                )
-                choice = {"index": i, **piece, "finish_reason": update.finish_reason}
-                yield _sse(head | {"choices": [choice]})
-                if update.finish_reason is not None:
-                    finals.append(update)
+                while True:
+                    if update is None:
+                        running -= 1
+                    else:
+                        ready.append(event(i, update))
+                        if isinstance(update, Update) and update.finish_reason is not None:
+                            finals.append(update)
+                    if queue.empty():
+                        break
+                    i, update = queue.get_nowait()
+                if running:
+                    yield "".join(ready)
+                    ready = []
             if usage:
                 totals = _usage(finals)
-                yield _sse(head | {"choices": [], "usage": totals, "decoding": _decoding(finals)})
-            yield _sse("[DONE]")
+                ready.append(_sse(head | {"choices": [], "usage": totals,
+                                          "decoding": _decoding(finals)}))  # fmt: skip
+            yield "".join([*ready, _sse("[DONE]")])
         finally:
             for task in tasks:
                 task.cancel()

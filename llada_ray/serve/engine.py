@@ -145,6 +145,7 @@ class TextEngine:
         min_accept: int | None,
         seed: int | None,
         stop: tuple[str, ...],
+        ignore_eos: bool = False,
     ) -> Job:
         """A Job, or a RequestError naming the parameter that is out of bounds."""
         cfg = self.cfg
@@ -171,6 +172,7 @@ class TextEngine:
             temperature=0.0 if temperature < GREEDY_BELOW else temperature,
             top_k=top_k,
             top_p=top_p,
+            ignore_eos=ignore_eos,
         )
         return Job(prompt_ids, sampling, seed, stop)
 

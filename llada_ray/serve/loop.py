@@ -19,6 +19,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import torch
+
 from llada_ray.serve.engine import Job, Progress, TextEngine, Update
 
 
@@ -50,6 +52,12 @@ class Ticket:
                 yield item
         finally:
             self.progress.request.cancelled = True  # no effect once it has finished
+
+
+def _deliver(items: list[tuple[Ticket, Update | None]]) -> None:
+    """On a ticket's event loop: a step's updates, handed over together."""
+    for ticket, item in items:
+        ticket.queue.put_nowait(item)
 
 
 def bucket_bounds(limit: int) -> list[int]:
@@ -122,6 +130,9 @@ class EngineLoop:
         self.waiting: deque[Ticket] = deque()
         self.running: list[Ticket] = []
         self.wake = threading.Condition()
+        # OpenMP's thread count is per thread, and Ray sets OMP_NUM_THREADS to an actor's
+        # num_cpus: a new thread would run torch on that many cores, not on torch_threads.
+        self.torch_threads = torch.get_num_threads()
         self.thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
         self.thread.start()
 
@@ -152,6 +163,7 @@ class EngineLoop:
                 self.stats.observe_admitted(time.perf_counter() - ticket.submitted)
 
     def _loop(self) -> None:
+        torch.set_num_threads(self.torch_threads)
         while True:
             self._admit()
             size = len(self.running)
@@ -166,6 +178,9 @@ class EngineLoop:
             self.stats.observe_step(size)
             now = time.perf_counter()
             still = []
+            # One wake-up per event loop per step, not one per request: each is a trip
+            # through the GIL for the thread serving HTTP.
+            out: dict[asyncio.AbstractEventLoop, list[tuple[Ticket, Update | None]]] = {}
             for ticket in self.running:
                 request = ticket.progress.request
                 if request.out.finish_reason == "cancelled":
@@ -175,10 +190,13 @@ class EngineLoop:
                 update = self.engine.update(ticket.job, ticket.progress)
                 if first:
                     self.stats.observe_first_block(now - ticket.submitted)
-                ticket.put(update)
+                items = out.setdefault(ticket.loop, [])
+                items.append((ticket, update))
                 if request.out.done:
                     self.stats.observe_finished(len(request.out.tokens), request.out.seconds)
-                    ticket.put(None)
+                    items.append((ticket, None))
                 else:
                     still.append(ticket)
+            for loop, items in out.items():
+                loop.call_soon_threadsafe(_deliver, items)
             self.running = still

@@ -1,8 +1,8 @@
 """The OpenAI request shapes we accept, validated strictly: a wrong type is an error, not a cast.
 
-Unknown fields are ignored (clients send many); `threshold`, `min_accept` and `top_k` are our
-extensions. Bounds that depend on the deployment (context, max_tokens limit) are checked by the
-engine.
+Unknown fields are ignored (clients send many); `threshold`, `min_accept`, `top_k` and
+`ignore_eos` (as in vLLM: decode max_tokens whatever comes, for benchmarks) are our extensions.
+Bounds that depend on the deployment (context, max_tokens limit) are checked by the engine.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class _Generate(_Strict):
     top_k: Annotated[int, Field(ge=1)] | None = None
     threshold: Annotated[float, Field(gt=0, le=1)] | None = None
     min_accept: Annotated[int, Field(ge=1)] | None = None
+    ignore_eos: bool = False
     n: Annotated[int, Field(ge=1, le=16)] = 1
     seed: Annotated[int, Field(ge=0, lt=2**62)] | None = None  # + choice index: fits int64
     stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None
