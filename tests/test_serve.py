@@ -25,7 +25,8 @@ from schemathesis import Case, GenerationMode
 from llada_ray.config import ServeConfig, TinyModelConfig
 from llada_ray.model import build_tiny_model, save_model
 from llada_ray.serve.engine import Job, TextEngine
-from llada_ray.serve.loop import EngineLoop
+from llada_ray.serve.loop import DecodeError, EngineLoop, LoopStats
+from llada_ray.serve.process import EngineProcess
 from tests import stack
 
 MODEL = "tiny-bd"
@@ -140,7 +141,7 @@ def test_the_loop_frees_the_row_of_a_request_nobody_reads(model_dir):
         return text  # after 3 blocks: the cancelled request left at the first
 
     text = asyncio.run(scenario())
-    assert loop.stats.cancelled == 1 and loop.load == {"running": 0, "waiting": 0}
+    assert loop.stats.cancelled == 1 and loop.state["running"] == loop.state["waiting"] == 0
     assert loop.stats.finished == 1 and loop.stats.tokens == 24
     assert text == _expected(engine, prompt, max_tokens=24)[0]
 
@@ -202,6 +203,40 @@ def test_chat_streams_block_by_block(servers, engine):
     assert deltas[-1]["finish_reason"] == reason
     assert chunks[-1]["usage"]["completion_tokens"] == completion
     assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == len(ids) // 8 * 8
+
+
+def test_the_decode_process_answers_as_the_engine_and_its_death_fails_requests_cleanly(
+    model_dir, engine
+):
+    """The replica's decode process (no Ray): concurrent jobs get their answers alone, and when
+    the process dies, a job in flight ends with a DecodeError (never a hang)."""
+    cfg = ServeConfig.model_validate(_settings(model=str(model_dir)))
+    worker = EngineProcess(cfg, LoopStats(cfg.max_batch_size))
+    prompts = [engine.encode_text(p) for p in ("import os", "class A:", "x = [")]
+
+    async def answer(ids: list[int], max_tokens: int) -> str:
+        parts = [u.text async for u in worker.submit(_job(engine, ids, max_tokens=max_tokens))
+                 .updates()]  # fmt: skip
+        return "".join(parts)
+
+    async def scenario() -> tuple[list[str], Exception | None]:
+        texts = await asyncio.gather(*(answer(p, 16 + 4 * i) for i, p in enumerate(prompts)))
+        doomed = worker.submit(_job(engine, prompts[0], max_tokens=1000, threshold=1.0))
+        updates = doomed.updates()
+        await anext(updates)
+        worker.process.kill()
+        try:
+            async for _ in updates:
+                pass
+        except DecodeError as err:
+            return list(texts), err
+        return list(texts), None
+
+    texts, error = asyncio.run(asyncio.wait_for(scenario(), 120))
+    expected = [_expected(engine, p, max_tokens=16 + 4 * i)[0] for i, p in enumerate(prompts)]
+    assert texts == expected
+    assert error is not None and "exited" in str(error)
+    assert worker.stats.finished == 3 and worker.state["prefix_cache"] is not None
 
 
 def _stats(url: str) -> dict:

@@ -250,6 +250,29 @@ class Run:
 StopCheck = Callable[[int, list[int]], bool]  # (request index, tokens so far) → finished?
 
 
+@dataclass(frozen=True)
+class ContextLimit:
+    """Whether a request fits a decoder's context; needs no model (a server checks requests
+    with it in the process that serves HTTP)."""
+
+    max_length: int
+    block: int = 1  # the last block is decoded whole: the end rounds up to a block boundary
+
+    def positions_needed(self, prompt_length: int, max_new_tokens: int) -> int:
+        return -(-(prompt_length + max_new_tokens) // self.block) * self.block
+
+    def check(self, prompt_length: int, max_new_tokens: int) -> None:
+        """Refuse a request whose positions would run past the context."""
+        if prompt_length < 1:
+            raise ValueError("the prompt is empty")
+        needed = self.positions_needed(prompt_length, max_new_tokens)
+        if needed > self.max_length:
+            raise ValueError(
+                f"prompt ({prompt_length} tokens) plus max_tokens ({max_new_tokens}) needs "
+                f"{needed} positions; the model's context is {self.max_length}"
+            )
+
+
 class Decoder:
     """What every decoder shares: per-request settings, the context limit, when a request ends,
     and running batches (`open`) that requests join and leave between steps."""
@@ -291,19 +314,12 @@ class Decoder:
             return RecomputeBatch(self.dlm, self.options.max_batch)
         return CachedBatch(self.engine)
 
-    def positions_needed(self, prompt_length: int, max_new_tokens: int) -> int:
-        return prompt_length + max_new_tokens
+    @property
+    def limit(self) -> ContextLimit:
+        return ContextLimit(self.max_length)
 
     def check(self, prompt_length: int, max_new_tokens: int) -> None:
-        """Refuse a request whose positions would run past the model's context."""
-        if prompt_length < 1:
-            raise ValueError("the prompt is empty")
-        needed = self.positions_needed(prompt_length, max_new_tokens)
-        if needed > self.max_length:
-            raise ValueError(
-                f"prompt ({prompt_length} tokens) plus max_tokens ({max_new_tokens}) needs "
-                f"{needed} positions; the model's context is {self.max_length}"
-            )
+        self.limit.check(prompt_length, max_new_tokens)
 
     def request(
         self,

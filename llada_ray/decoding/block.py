@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from llada_ray.decoding.batch import CachedBatch, Decoder, RecomputeBatch, Run
+from llada_ray.decoding.batch import CachedBatch, ContextLimit, Decoder, RecomputeBatch, Run
 from llada_ray.decoding.engine import EngineOptions
 from llada_ray.decoding.sampling import choose
 from llada_ray.model.adapter import DiffusionLM
@@ -44,9 +44,9 @@ class BlockDecoder(Decoder):
         B = self.block_size
         return [(B, B, B), (2 * B, B, B)]
 
-    def positions_needed(self, prompt_length: int, max_new_tokens: int) -> int:
-        """The last block is decoded whole, so the end rounds up to a block boundary."""
-        return -(-(prompt_length + max_new_tokens) // self.block_size) * self.block_size
+    @property
+    def limit(self) -> ContextLimit:
+        return ContextLimit(self.max_length, self.block_size)
 
     def _open(
         self, blocks: torch.Tensor, given: torch.Tensor, wanted: torch.Tensor, eos: torch.Tensor

@@ -39,7 +39,7 @@ def load_model(
     Weights load from safetensors only (`use_safetensors=True`: no pickle of untrusted files).
     A model without a mask token gets one (see `ensure_mask_token`).
     """
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(source, mask_token=mask_token, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         source,
         dtype=getattr(torch, dtype),
@@ -49,3 +49,15 @@ def load_model(
     )
     ensure_mask_token(model, tokenizer, mask_token)
     return model, tokenizer
+
+
+def load_tokenizer(
+    source: str | Path, *, mask_token: str = "<|mask|>", trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model` gives, without loading any weights."""
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.mask_token is None:
+        tokenizer.add_special_tokens({"mask_token": mask_token})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,5 +1,5 @@
 """The Ray Serve app: one deployment that answers the OpenAI API from a continuously batched
-decode loop (serve/loop.py).
+decode loop (serve/loop.py) in a process of its own (serve/process.py).
 
 `build(args)` is the app builder for `serve run` / `serve deploy` (serve/config.yaml) and for
 `llada-ray serve`. The API key is checked first, then the request is validated, so a bad
@@ -25,8 +25,9 @@ from starlette.exceptions import HTTPException
 
 from llada_ray.config import ServeConfig
 from llada_ray.serve.engine import Job, RequestError, TextEngine, Update
-from llada_ray.serve.loop import DecodeError, EngineLoop
+from llada_ray.serve.loop import DecodeError
 from llada_ray.serve.metrics import ServeMetrics
+from llada_ray.serve.process import EngineProcess
 from llada_ray.serve.protocol import ChatRequest, CompletionRequest
 
 api = FastAPI(title="llada-ray", description="Block-diffusion LM behind the OpenAI API")
@@ -116,10 +117,8 @@ def _decoding(finals: list[Update]) -> dict:
 class LLaDAServer:
     def __init__(self, cfg: ServeConfig) -> None:
         self.cfg = cfg
-        self.engine = TextEngine.load(cfg)
-        prefix = self.engine.decoder.engine.prefix if self.engine.decoder.engine else None
-        stats = ServeMetrics(cfg.max_batch_size, None if prefix is None else prefix.stats)
-        self.loop = EngineLoop(self.engine, stats)
+        self.engine = TextEngine.load(cfg, decode=False)  # tokenizer and limits: no weights
+        self.loop = EngineProcess(cfg, ServeMetrics(cfg.max_batch_size))
         key = os.environ.get(cfg.api_key_env)
         api.state.api_key = key.encode() if key else None
         self.created = int(time.time())
@@ -163,9 +162,10 @@ class LLaDAServer:
     async def stats(self) -> dict:
         """The decode loop (batch sizes formed, queue wait, time to first block) and the prefix
         cache (hit rate, memory); the same figures go to Ray's metrics."""
+        state = self.loop.state
         return {
-            "loop": self.loop.stats.summary() | self.loop.load,
-            "prefix_cache": self.engine.prefix_stats,
+            "loop": self.loop.stats.summary() | {k: state[k] for k in ("running", "waiting")},
+            "prefix_cache": state["prefix_cache"],
         }
 
     @api.get("/v1/models")

@@ -12,14 +12,15 @@ from pathlib import Path
 import jinja2
 import pyarrow.fs as pafs
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from llada_ray.config import ServeConfig
 from llada_ray.data.chat import prompt_ids
 from llada_ray.decoding import ARDecoder, BlockDecoder, Decoder, EngineOptions, Sampling
-from llada_ray.decoding.batch import Request
+from llada_ray.decoding.batch import ContextLimit, Request
+from llada_ray.decoding.prefix import PrefixStats
 from llada_ray.model import DiffusionLM, load_model
-from llada_ray.model.io import MODEL_FILES
+from llada_ray.model.io import MODEL_FILES, load_tokenizer
 from llada_ray.storage import filesystem_for
 
 GREEDY_BELOW = 1e-4  # temperatures under this decode greedily
@@ -67,8 +68,9 @@ class Progress:
     updates: int = 0
 
 
-def fetch_model(uri: str, cfg: ServeConfig) -> Path:
-    """A local directory holding the model: the URI itself, or a copy of its files from S3."""
+def fetch_model(uri: str, cfg: ServeConfig, weights: bool = True) -> Path:
+    """A local directory holding the model: the URI itself, or a copy of its files from S3
+    (without the weights when `weights` is False: config and tokenizer only)."""
     fs, path = filesystem_for(uri, cfg.storage)
     if isinstance(fs, pafs.LocalFileSystem):
         if not Path(path, "config.json").is_file():
@@ -79,7 +81,10 @@ def fetch_model(uri: str, cfg: ServeConfig) -> Path:
     names = [
         i.base_name
         for i in infos
-        if i.is_file and i.base_name.endswith(MODEL_FILES) and i.base_name != "manifest.json"
+        if i.is_file
+        and i.base_name.endswith(MODEL_FILES)
+        and i.base_name != "manifest.json"
+        and (weights or not i.base_name.endswith(".safetensors"))
     ]
     if "config.json" not in names:
         raise FileNotFoundError(f"{uri}: no config.json (not a model directory)")
@@ -89,10 +94,32 @@ def fetch_model(uri: str, cfg: ServeConfig) -> Path:
 
 
 class TextEngine:
+    """Text to jobs (tokenizer, limits), and, with a decoder, jobs to text updates. A server's
+    HTTP side loads it without a decoder (`decode=False`: no weights); its decode process with
+    one."""
+
     def __init__(
-        self, dlm: DiffusionLM, tokenizer: PreTrainedTokenizerBase, cfg: ServeConfig
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        cfg: ServeConfig,
+        limit: ContextLimit,
+        decoder: Decoder | None = None,
     ) -> None:
-        self.tokenizer, self.cfg = tokenizer, cfg
+        self.tokenizer, self.cfg, self.limit, self._decoder = tokenizer, cfg, limit, decoder
+
+    @classmethod
+    def load(cls, cfg: ServeConfig, decode: bool = True) -> TextEngine:
+        local = fetch_model(cfg.model, cfg, weights=decode)
+        if not decode:
+            context = AutoConfig.from_pretrained(local).max_position_embeddings
+            block = cfg.block_size if cfg.decoder == "block" else 1
+            limit = ContextLimit(min(cfg.max_length, context), block)
+            return cls(load_tokenizer(local), cfg, limit)
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        hf, tokenizer = load_model(local, dtype=cfg.dtype)
+        device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        dlm = DiffusionLM(hf.to(device), attention=cfg.attention)
         eos = tokenizer.eos_token_id
         engine = EngineOptions(
             cfg.max_batch_size,
@@ -102,24 +129,23 @@ class TextEngine:
             cfg.block_size,
         )
         length = min(cfg.max_length, dlm.hf.config.max_position_embeddings)
-        self.decoder: Decoder = (
+        decoder: Decoder = (
             BlockDecoder(dlm, eos, cfg.block_size, cfg.use_cache, length, engine)
             if cfg.decoder == "block"
             else ARDecoder(dlm, eos, cfg.use_cache, length, engine)
         )
-        self.decoder.warm_up()  # compiled: every bucket now, not on a client's request
+        decoder.warm_up()  # compiled: every bucket now, not on a client's request
+        return cls(tokenizer, cfg, decoder.limit, decoder)
 
-    @classmethod
-    def load(cls, cfg: ServeConfig) -> TextEngine:
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
-        hf, tokenizer = load_model(fetch_model(cfg.model, cfg), dtype=cfg.dtype)
-        device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        return cls(DiffusionLM(hf.to(device), attention=cfg.attention), tokenizer, cfg)
+    @property
+    def decoder(self) -> Decoder:
+        if self._decoder is None:
+            raise RuntimeError("this TextEngine was loaded without a decoder (decode=False)")
+        return self._decoder
 
     @property
     def context_length(self) -> int:
-        return self.decoder.max_length
+        return self.limit.max_length
 
     def encode_text(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -158,7 +184,7 @@ class TextEngine:
         if not prompt_ids:
             raise RequestError("the prompt is empty", "prompt")
         try:
-            self.decoder.check(len(prompt_ids), max_tokens)
+            self.limit.check(len(prompt_ids), max_tokens)
         except ValueError as err:
             raise RequestError(str(err), "max_tokens", code="context_length_exceeded") from err
         if top_k is not None and top_k > len(self.tokenizer):
@@ -230,9 +256,9 @@ class TextEngine:
         return low
 
     @property
-    def prefix_stats(self) -> dict | None:
+    def prefix_stats(self) -> PrefixStats | None:
         engine = self.decoder.engine
-        return None if engine is None or engine.prefix is None else engine.prefix.stats.summary()
+        return None if engine is None or engine.prefix is None else engine.prefix.stats
 
 
 def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -28,19 +30,17 @@ class DecodeError(RuntimeError):
     """The decoder failed during a step: every request in that step ends with it."""
 
 
-@dataclass(eq=False)
+Item = Update | Exception | None  # an update, an error, or None: the end of a job's updates
+Sink = Callable[[list[tuple[int, Item]], list[tuple[str, tuple]], dict], None]
+
+
 class Ticket:
-    """One job's link between the decode thread and the event loop waiting for it."""
+    """A submitted job as its caller sees it: its updates arrive on the caller's event loop."""
 
-    job: Job
-    progress: Progress
-    loop: asyncio.AbstractEventLoop
-    submitted: float = field(default_factory=time.perf_counter)
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-
-    def put(self, item: Update | Exception | None) -> None:
-        """From the decode thread: the next update, an error, or None at the end."""
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    def __init__(self, cancel: Callable[[], None]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Item] = asyncio.Queue()
+        self.cancel = cancel
 
     async def updates(self) -> AsyncIterator[Update]:
         """Updates until the job ends. A caller that stops reading (a disconnect cancels it)
@@ -51,13 +51,53 @@ class Ticket:
                     raise item
                 yield item
         finally:
-            self.progress.request.cancelled = True  # no effect once it has finished
+            self.cancel()  # no effect once it has finished
 
 
-def _deliver(items: list[tuple[Ticket, Update | None]]) -> None:
-    """On a ticket's event loop: a step's updates, handed over together."""
+def deliver(items: list[tuple[Ticket, Item]]) -> None:
+    """From any thread: each ticket its items, with one wake-up per event loop (each is a trip
+    through the GIL for a thread serving HTTP)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Ticket, Item]]] = {}
+    for ticket, item in items:
+        by_loop.setdefault(ticket.loop, []).append((ticket, item))
+    for loop, batch in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(items: list[tuple[Ticket, Item]]) -> None:
     for ticket, item in items:
         ticket.queue.put_nowait(item)
+
+
+class Tickets:
+    """Tickets by key, for a sink that names jobs by key."""
+
+    def __init__(self) -> None:
+        self.open: dict[int, Ticket] = {}
+        self.keys = itertools.count()
+
+    def new(self, cancel: Callable[[int], None]) -> tuple[int, Ticket]:
+        key = next(self.keys)
+        self.open[key] = Ticket(partial(cancel, key))
+        return key, self.open[key]
+
+    def deliver(self, items: list[tuple[int, Item]]) -> None:
+        deliver([(self.open.pop(k) if item is None else self.open[k], item) for k, item in items])
+
+    def fail(self, error: Exception) -> None:
+        """Every open ticket ends with `error`."""
+        keys = list(self.open)
+        self.deliver([(k, error) for k in keys] + [(k, None) for k in keys])
+
+
+@dataclass(eq=False)
+class Entry:
+    """A job on the decode side."""
+
+    key: int
+    job: Job
+    progress: Progress
+    submitted: float = field(default_factory=time.perf_counter)
 
 
 def bucket_bounds(limit: int) -> list[int]:
@@ -70,8 +110,9 @@ def bucket_bounds(limit: int) -> list[int]:
 
 @dataclass
 class LoopStats:
-    """What the loop did, for `/stats` and the benchmark; `observe_*` are also the hooks a
-    metrics exporter overrides (serve/app.py sends them to Ray's metrics)."""
+    """What the loop did, for `/stats` and the benchmark. The loop calls `observe_<kind>`
+    only (events that can be replayed in another process); a metrics exporter overrides them
+    (serve/metrics.py sends them to Ray's metrics)."""
 
     max_batch: int
     steps: int = 0
@@ -99,6 +140,15 @@ class LoopStats:
         self.finished += 1
         self.tokens += tokens
 
+    def observe_cancelled(self) -> None:
+        self.cancelled += 1
+
+    def observe_failed(self, requests: int) -> None:
+        self.failed += requests
+
+    def observe_state(self, state: dict) -> None:
+        """The loop's state (running, waiting, prefix cache) as another process reported it."""
+
     def summary(self) -> dict:
         steps = max(self.steps, 1)
         mean = sum(size * n for size, n in self.batch_steps.items()) / steps
@@ -121,14 +171,24 @@ class LoopStats:
 
 
 class EngineLoop:
-    """The decode thread and its queue of waiting tickets (see the module docstring)."""
+    """The decode thread and its queue of waiting jobs (see the module docstring).
 
-    def __init__(self, engine: TextEngine, stats: LoopStats | None = None) -> None:
+    In-process callers `submit` and read their Ticket. Another process's jobs come in by key
+    (`enqueue`, `cancel`) and their items go out through `sink`, once per step, with the stats
+    events of the step and the loop's state (serve/process.py)."""
+
+    def __init__(
+        self, engine: TextEngine, stats: LoopStats | None = None, sink: Sink | None = None
+    ) -> None:
         self.engine = engine
         self.stats = stats or LoopStats(engine.decoder.options.max_batch)
+        self.tickets = Tickets()
+        self.sink = sink or (lambda items, events, state: self.tickets.deliver(items))
+        self.events: list[tuple[str, tuple]] = []
         self.run = engine.decoder.open()
-        self.waiting: deque[Ticket] = deque()
-        self.running: list[Ticket] = []
+        self.entries: dict[int, Entry] = {}  # waiting or running
+        self.waiting: deque[Entry] = deque()
+        self.running: list[Entry] = []
         self.wake = threading.Condition()
         # OpenMP's thread count is per thread, and Ray sets OMP_NUM_THREADS to an actor's
         # num_cpus: a new thread would run torch on that many cores, not on torch_threads.
@@ -138,65 +198,89 @@ class EngineLoop:
 
     def submit(self, job: Job) -> Ticket:
         """Queue a job (from the caller's event loop); read its updates from the ticket."""
-        ticket = Ticket(job, self.engine.start(job), asyncio.get_running_loop())
-        with self.wake:
-            self.waiting.append(ticket)
-            self.wake.notify()
+        key, ticket = self.tickets.new(self.cancel)
+        self.enqueue(key, job)
         return ticket
 
-    @property
-    def load(self) -> dict:
+    def enqueue(self, key: int, job: Job) -> None:
+        entry = Entry(key, job, self.engine.start(job))
         with self.wake:
-            return {"running": len(self.running), "waiting": len(self.waiting)}
+            self.entries[key] = entry
+            self.waiting.append(entry)
+            self.wake.notify()
 
-    def _admit(self) -> None:
+    def cancel(self, key: int) -> None:
+        """From any thread: the job leaves at the next step (no effect once it has ended)."""
+        if (entry := self.entries.get(key)) is not None:
+            entry.progress.request.cancelled = True
+
+    @property
+    def state(self) -> dict:
+        with self.wake:
+            load = {"running": len(self.running), "waiting": len(self.waiting)}
+        prefix = self.engine.prefix_stats
+        return load | {"prefix_cache": None if prefix is None else prefix.summary()}
+
+    def _observe(self, kind: str, *args: float) -> None:
+        getattr(self.stats, f"observe_{kind}")(*args)
+        self.events.append((kind, args))
+
+    def _end(self, entry: Entry, items: list[tuple[int, Item]]) -> None:
+        items.append((entry.key, None))
+        self.entries.pop(entry.key, None)
+
+    def _admit(self) -> list[tuple[int, Item]]:
+        ended: list[tuple[int, Item]] = []
         with self.wake:
             while not self.waiting and not self.run:
                 self.wake.wait()
             while self.waiting and self.run.room:
-                ticket = self.waiting.popleft()
-                if ticket.progress.request.cancelled:  # gone before it started
-                    self.stats.cancelled += 1
+                entry = self.waiting.popleft()
+                if entry.progress.request.cancelled:  # gone before it started
+                    self._observe("cancelled")
+                    self._end(entry, ended)
                     continue
-                self.run.add(ticket.progress.request)
-                self.running.append(ticket)
-                self.stats.observe_admitted(time.perf_counter() - ticket.submitted)
+                self.run.add(entry.progress.request)
+                self.running.append(entry)
+                self._observe("admitted", time.perf_counter() - entry.submitted)
+        return ended
 
     def _loop(self) -> None:
         torch.set_num_threads(self.torch_threads)
         while True:
-            self._admit()
+            items = self._admit()
             size = len(self.running)
             try:
                 self.run.step()
             except Exception as err:  # the step's requests fail; the loop and the queue go on
-                for ticket in self.running:
-                    ticket.put(DecodeError(f"decoding failed: {err}"))
-                self.stats.failed += len(self.running)
+                for entry in self.running:
+                    items.append((entry.key, DecodeError(f"decoding failed: {err}")))
+                    self._end(entry, items)
+                self._observe("failed", len(self.running))
                 self.running, self.run = [], self.engine.decoder.open()
+                self._send(items)
                 continue
-            self.stats.observe_step(size)
+            self._observe("step", size)
             now = time.perf_counter()
             still = []
-            # One wake-up per event loop per step, not one per request: each is a trip
-            # through the GIL for the thread serving HTTP.
-            out: dict[asyncio.AbstractEventLoop, list[tuple[Ticket, Update | None]]] = {}
-            for ticket in self.running:
-                request = ticket.progress.request
+            for entry in self.running:
+                request = entry.progress.request
                 if request.out.finish_reason == "cancelled":
-                    self.stats.cancelled += 1
+                    self._observe("cancelled")
+                    self._end(entry, items)
                     continue
-                first = ticket.progress.updates == 0
-                update = self.engine.update(ticket.job, ticket.progress)
+                first = entry.progress.updates == 0
+                items.append((entry.key, self.engine.update(entry.job, entry.progress)))
                 if first:
-                    self.stats.observe_first_block(now - ticket.submitted)
-                items = out.setdefault(ticket.loop, [])
-                items.append((ticket, update))
+                    self._observe("first_block", now - entry.submitted)
                 if request.out.done:
-                    self.stats.observe_finished(len(request.out.tokens), request.out.seconds)
-                    items.append((ticket, None))
+                    self._observe("finished", len(request.out.tokens), request.out.seconds)
+                    self._end(entry, items)
                 else:
-                    still.append(ticket)
-            for loop, items in out.items():
-                loop.call_soon_threadsafe(_deliver, items)
+                    still.append(entry)
             self.running = still
+            self._send(items)
+
+    def _send(self, items: list[tuple[int, Item]]) -> None:
+        events, self.events = self.events, []
+        self.sink(items, events, self.state)

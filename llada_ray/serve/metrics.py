@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from ray.serve import metrics
 
-from llada_ray.decoding.prefix import PrefixStats
 from llada_ray.serve.loop import LoopStats, bucket_bounds
 
 SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
@@ -14,9 +13,8 @@ SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 class ServeMetrics(LoopStats):
     """LoopStats that also observe into Ray metrics."""
 
-    def __init__(self, max_batch: int, prefix: PrefixStats | None) -> None:
+    def __init__(self, max_batch: int) -> None:
         super().__init__(max_batch)
-        self.prefix = prefix
         self.batch_size = metrics.Histogram(
             "llada_batch_size",
             "requests in a decode step",
@@ -42,9 +40,11 @@ class ServeMetrics(LoopStats):
     def observe_step(self, batch_size: int) -> None:
         super().observe_step(batch_size)
         self.batch_size.observe(batch_size)
-        if self.prefix is not None:
-            self.prefix_hit_rate.set(self.prefix.hit_rate)
-            self.prefix_bytes.set(self.prefix.pages * self.prefix.page_bytes)
+
+    def observe_state(self, state: dict) -> None:
+        if (prefix := state["prefix_cache"]) is not None:
+            self.prefix_hit_rate.set(prefix["hit_rate"])
+            self.prefix_bytes.set(prefix["bytes"])
 
     def observe_admitted(self, queue_wait_s: float) -> None:
         super().observe_admitted(queue_wait_s)
