@@ -2,19 +2,21 @@
 and what Serve itself costs.
 
 The model is the tiny default's export (configs/tiny.yaml through the pipeline, as `make demo`
-leaves it in runs/). One replica per app (block decoder, τ 0.9, max batch 16) on a local Ray.
-The load comes from a separate process (`--client`): asyncio + aiohttp, keep-alive
+leaves it in runs/). One replica per app (block decoder, τ 0.9, max batch 16, one CPU and one
+torch thread: on 2 cores shared with the proxy and the clients, a second thread is slower) on a
+local Ray. The load comes from a separate process (`--client`): asyncio + aiohttp, keep-alive
 connections, streaming chat completions of verifiable-task prompts, each `max_tokens` 128 with
 `ignore_eos` (answers long enough that decoding dominates).
-  - closed loop: N clients sending back to back, N ∈ {1, 4, 16, 32};
+  - closed loop: N clients sending back to back, N ∈ {1, 4, 16, 32}, and 16 not streamed;
   - open loop: Poisson arrivals at half the 16-client request rate;
   - a 512-token system prompt shared by every request, to an app with the prefix cache and to
     one without: time to first block, at 1 client (the prefill's own cost) and at 16;
-  - engine alone: the 16-client closed loop fed to the same decode loop in this process, with
-    no HTTP and no Serve (Ray is shut down first: the replica does not share the cores).
+  - engine alone: the 1- and 16-client closed loops fed to the same decode loop in this
+    process, with no HTTP and no Serve (Ray is shut down first).
 Tokens/s = completion tokens of the requests finished in the window / the span they cover;
-latency = send to [DONE]; time to first block = send to the first content chunk; the batch sizes
-are the replica's own count (`/stats`) over the level.
+latency = send to [DONE]; time to first block = send to the first content chunk (client) and
+arrival in the decode loop to its first update (server); batch sizes are the replica's own
+count (`/stats`) over the level; CPU shares are from /proc (1.0: every core all the time).
 
     python bench/serve.py [--seconds 20]  → bench/results/serve.json and a table
 """
@@ -137,24 +139,30 @@ def run_clients(spec: dict) -> list[dict]:
     return json.loads(out.stdout)
 
 
-# Who uses the cores: Ray names its worker processes after their actor (setproctitle).
-ROLES = {"replica": "ray::ServeReplica:", "proxy": "ray::ProxyActor"}  # the idle app's: ~0
+# Who uses the cores: Ray names its worker processes after their actor (setproctitle); a
+# replica's decode process is its child.
+ROLES = {"replica_http": "ray::ServeReplica:", "proxy": "ray::ProxyActor"}
 
 
 def cpu_seconds() -> dict[str, float]:
-    """CPU seconds so far of the replicas and the HTTP proxy (from /proc), and of this
-    process's finished children (the load generators)."""
+    """CPU seconds so far of the replicas, their decode processes and the HTTP proxy (from
+    /proc), and of this process's finished children (the load generators)."""
     tick = os.sysconf("SC_CLK_TCK")
-    used = dict.fromkeys(ROLES, 0.0)
+    processes = {}  # pid → (parent, title, cpu seconds)
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError, UnicodeDecodeError):
             continue
+        processes[pid] = (fields[1], title, (int(fields[11]) + int(fields[12])) / tick)
+    used = dict.fromkeys([*ROLES, "decode_process"], 0.0)
+    for parent, title, seconds in processes.values():
         for role, prefix in ROLES.items():
             if title.startswith(prefix):
-                used[role] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+                used[role] += seconds
+        if processes.get(parent, ("", ""))[1].startswith(ROLES["replica_http"]):
+            used["decode_process"] += seconds
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return used | {"load_generator": children.ru_utime + children.ru_stime}
 
@@ -326,7 +334,7 @@ def main() -> None:
     questions = [ex.prompt for ex in tasks.examples(99, 0, 64)]
     settings = {"model": str(model_dir()), "model_name": "tiny", "threshold": 0.9,
                 "max_batch_size": 16, "max_ongoing_requests": 64, "num_cpus": 1,
-                "torch_threads": os.cpu_count(), "port": PORT}  # fmt: skip
+                "torch_threads": 1, "port": PORT}  # fmt: skip
     levels = serve_levels(settings, questions, args.seconds)
     alone = engine_alone(settings, questions, args.seconds)
 
