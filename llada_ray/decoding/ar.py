@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from llada_ray.decoding.batch import CachedBatch, Decoder, RecomputeBatch, Run
+from llada_ray.decoding.batch import CachedBatch, Decoder, RecomputeBatch, Request, Run
 from llada_ray.decoding.sampling import choose
 
 
@@ -32,28 +32,18 @@ class ARRun(Run):
         self.ids = torch.zeros((0, 1), dtype=torch.long, device=batch.device)  # [R, 1] queries
         self.index = torch.zeros_like(self.ids)  # their positions
 
-    def _admit(self) -> None:
-        if not self.joining:
-            return
+    def _join(self, requests: list[Request]) -> list[int]:
         device = self.batch.device
-        restored = self.batch.add([r.prompt[:-1] for r in self.joining], 1)
-        ids = torch.tensor([[r.prompt[-1]] for r in self.joining], device=device)
-        index = torch.tensor([[len(r.prompt) - 1] for r in self.joining], device=device)
+        restored = self.batch.add([r.prompt[:-1] for r in requests], 1)
+        ids = torch.tensor([[r.prompt[-1]] for r in requests], device=device)
+        index = torch.tensor([[len(r.prompt) - 1] for r in requests], device=device)
         self.ids, self.index = torch.cat([self.ids, ids]), torch.cat([self.index, index])
-        for request, cached in zip(self.joining, restored, strict=True):
-            request.out.cached_tokens = cached
-        self.requests += self.joining
-        self.joining = []
+        return restored
 
     def _select(self, rows: torch.Tensor) -> None:
         self.ids, self.index = self.ids[rows], self.index[rows]
 
-    @torch.no_grad()
-    def step(self) -> None:
-        self._admit()
-        self._drop_cancelled()
-        if not self.requests:
-            return
+    def _advance(self) -> None:
         logits = self.batch.forward(self.ids, self.index, 1, clean=True, keep=True)
         logits[..., self.decoder.mask] = float("-inf")
         tokens, _ = choose(

@@ -219,8 +219,25 @@ class Run:
         request.started = time.perf_counter()
         self.joining.append(request)
 
+    @torch.no_grad()
     def step(self) -> None:
-        """Admit the requests that joined, then advance every request by one step."""
+        """Admit the requests that joined, drop the cancelled, advance the rest by one step."""
+        if self.joining:
+            restored = self._join(self.joining)
+            for request, cached in zip(self.joining, restored, strict=True):
+                request.out.cached_tokens = cached
+            self.requests += self.joining
+            self.joining = []
+        self._drop_cancelled()
+        if self.requests:
+            self._advance()
+
+    def _join(self, requests: list[Request]) -> list[int]:
+        """New rows for these requests (their prompts prefilled); the prompt tokens each got
+        from the prefix cache."""
+        raise NotImplementedError
+
+    def _advance(self) -> None:
         raise NotImplementedError
 
     def _keep(self, keep: list[int]) -> None:

@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from llada_ray.decoding.batch import CachedBatch, ContextLimit, Decoder, RecomputeBatch, Run
+from llada_ray.decoding.batch import (
+    CachedBatch,
+    ContextLimit,
+    Decoder,
+    RecomputeBatch,
+    Request,
+    Run,
+)
 from llada_ray.decoding.engine import EngineOptions
 from llada_ray.decoding.sampling import choose
 from llada_ray.model.adapter import DiffusionLM
@@ -89,13 +96,10 @@ class BlockRun(Run):
         self.blocks = torch.zeros((0, B), dtype=torch.long, device=device)  # [R, B]
         self.block_start = torch.zeros(0, dtype=torch.long, device=device)  # [R]
 
-    def _admit(self) -> None:
-        """The joining requests' prompts: whole blocks become context, the tail (if any) the
-        start of their first block."""
-        if not self.joining:
-            return
+    def _join(self, requests: list[Request]) -> list[int]:
+        """Whole blocks of the prompts become context; the tail (if any) starts the first block."""
         B, device = self.decoder.block_size, self.batch.device
-        prompts = [r.prompt for r in self.joining]
+        prompts = [r.prompt for r in requests]
         starts = [len(p) // B * B for p in prompts]
         restored = self.batch.add([p[:s] for p, s in zip(prompts, starts, strict=True)], B)
         blocks = torch.full((len(prompts), B), self.decoder.mask, dtype=torch.long, device=device)
@@ -103,10 +107,7 @@ class BlockRun(Run):
             blocks[r, : len(p) - s] = torch.tensor(p[s:], device=device)
         self.blocks = torch.cat([self.blocks, blocks])
         self.block_start = torch.cat([self.block_start, torch.tensor(starts, device=device)])
-        for request, cached in zip(self.joining, restored, strict=True):
-            request.out.cached_tokens = cached
-        self.requests += self.joining
-        self.joining = []
+        return restored
 
     def _select(self, rows: torch.Tensor) -> None:
         self.blocks, self.block_start = self.blocks[rows], self.block_start[rows]
@@ -117,12 +118,7 @@ class BlockRun(Run):
         tails = [max(0, len(r.prompt) - s) for r, s in zip(self.requests, starts, strict=True)]
         return torch.tensor(tails, dtype=torch.long, device=self.batch.device)
 
-    @torch.no_grad()
-    def step(self) -> None:
-        self._admit()
-        self._drop_cancelled()
-        if not self.requests:
-            return
+    def _advance(self) -> None:
         d, batch = self.decoder, self.batch
         B, device = d.block_size, batch.device
         index = self.block_start[:, None] + torch.arange(B, device=device)
