@@ -36,8 +36,10 @@ OPEN_PATHS = ("/health",)  # answered without the key (load balancers probe it)
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None):
-    kind = {401: "authentication_error"}.get(status, "invalid_request_error")
-    kind = "server_error" if status >= 500 else kind
+    if status >= 500:
+        kind = "server_error"
+    else:
+        kind = "authentication_error" if status == 401 else "invalid_request_error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status)
 
