@@ -276,11 +276,11 @@ def engine_alone(settings: dict, questions: list[str], seconds: float) -> list[d
     engine = TextEngine.load(ServeConfig.model_validate(settings))
     loop = EngineLoop(engine)
     jobs = [
-        engine.job(engine.encode_chat(_body(q, False)["messages"]), max_tokens=MAX_TOKENS,
-                   temperature=None, top_p=None, top_k=None, threshold=None, min_accept=None,
-                   seed=None, stop=(), ignore_eos=True)
+        engine.job(
+            engine.encode_chat(_body(q, False)["messages"]), max_tokens=MAX_TOKENS, ignore_eos=True
+        )
         for q in questions
-    ]  # fmt: skip
+    ]
 
     async def run(clients: int) -> list[dict]:
         records: list[dict] = []

@@ -24,7 +24,7 @@ from schemathesis import Case, GenerationMode
 
 from llada_ray.config import ServeConfig, TinyModelConfig
 from llada_ray.model import build_tiny_model, save_model
-from llada_ray.serve.engine import Job, TextEngine
+from llada_ray.serve.engine import TextEngine
 from llada_ray.serve.loop import DecodeError, EngineLoop, LoopStats
 from llada_ray.serve.process import EngineProcess
 from tests import stack
@@ -103,15 +103,9 @@ def _post(url: str, body: dict | str, headers: dict | None = None) -> requests.R
     return requests.post(url, data=data, headers=JSON | (headers or {}), timeout=60)
 
 
-def _job(engine: TextEngine, prompt_ids: list[int], **kw) -> Job:
-    args = {"max_tokens": None, "temperature": None, "top_p": None, "top_k": None,
-            "threshold": None, "min_accept": None, "seed": None, "stop": ()} | kw  # fmt: skip
-    return engine.job(prompt_ids, **args)
-
-
 def _expected(engine: TextEngine, prompt_ids: list[int], **kw) -> tuple[str, str, int]:
     """The request decoded alone, in this process, with no loop and no server."""
-    job = _job(engine, prompt_ids, **kw)
+    job = engine.job(prompt_ids, **kw)
     progress = engine.start(job)
     run = engine.decoder.open()
     run.add(progress.request)
@@ -132,11 +126,11 @@ def test_the_loop_frees_the_row_of_a_request_nobody_reads(model_dir):
     prompt = engine.encode_text("def f(x):")
 
     async def scenario() -> str:
-        gone = loop.submit(_job(engine, prompt, max_tokens=2000)).updates()
+        gone = loop.submit(engine.job(prompt, max_tokens=2000)).updates()
         await anext(gone)  # one block, then the caller goes away
         await gone.aclose()
         text = ""
-        async for update in loop.submit(_job(engine, prompt, max_tokens=24)).updates():
+        async for update in loop.submit(engine.job(prompt, max_tokens=24)).updates():
             text += update.text
         return text  # after 3 blocks: the cancelled request left at the first
 
@@ -215,13 +209,13 @@ def test_the_decode_process_answers_as_the_engine_and_its_death_fails_requests_c
     prompts = [engine.encode_text(p) for p in ("import os", "class A:", "x = [")]
 
     async def answer(ids: list[int], max_tokens: int) -> str:
-        parts = [u.text async for u in worker.submit(_job(engine, ids, max_tokens=max_tokens))
+        parts = [u.text async for u in worker.submit(engine.job(ids, max_tokens=max_tokens))
                  .updates()]  # fmt: skip
         return "".join(parts)
 
     async def scenario() -> tuple[list[str], Exception | None]:
         texts = await asyncio.gather(*(answer(p, 16 + 4 * i) for i, p in enumerate(prompts)))
-        doomed = worker.submit(_job(engine, prompts[0], max_tokens=1000, threshold=1.0))
+        doomed = worker.submit(engine.job(prompts[0], max_tokens=1000, threshold=1.0))
         updates = doomed.updates()
         await anext(updates)
         worker.process.kill()

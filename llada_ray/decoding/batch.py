@@ -253,15 +253,13 @@ class Run:
         """The decoder's own per-row state follows `_keep`."""
         raise NotImplementedError
 
-    def _cancelled(self) -> list[bool]:
-        """Per working row, whether its request was cancelled (marked finished: it leaves)."""
+    def _drop_cancelled(self) -> None:
+        """Cancelled requests are marked finished and leave (between steps only: a step's
+        forwards run over a fixed set of rows)."""
         for r in self.requests:
             if r.cancelled and not r.out.done:
                 r.out.finish_reason = "cancelled"
-        return [r.cancelled for r in self.requests]
-
-    def _drop_cancelled(self) -> None:
-        self._keep([w for w, c in enumerate(self._cancelled()) if not c])
+        self._keep([w for w, r in enumerate(self.requests) if not r.cancelled])
 
 
 StopCheck = Callable[[int, list[int]], bool]  # (request index, tokens so far) → finished?

@@ -132,10 +132,8 @@ class BlockRun(Run):
         while True:
             open_, ends = d._open(self.blocks, given, wanted, eos)
             running = open_.any(-1)
-            cancelled = torch.tensor(self._cancelled(), dtype=torch.bool, device=device)
-            complete = ~running & ends & ~cancelled
-            if (done := complete | cancelled).any():  # leave before the next forward
-                for w in complete.nonzero().flatten().tolist():
+            if (done := ~running & ends).any():  # complete: leave before the next forward
+                for w in done.nonzero().flatten().tolist():
                     d._extend(self.requests[w], self.blocks[w, int(given[w]) :].tolist())
                 keep = (~done).nonzero().flatten()
                 self._keep(keep.tolist())

@@ -45,13 +45,17 @@ class Ticket:
     async def updates(self) -> AsyncIterator[Update]:
         """Updates until the job ends. A caller that stops reading (a disconnect cancels it)
         cancels the job: its row is freed at the next step."""
+        ended = False
         try:
             while (item := await self.queue.get()) is not None:
                 if isinstance(item, Exception):
+                    ended = True
                     raise item
                 yield item
+            ended = True
         finally:
-            self.cancel()  # no effect once it has finished
+            if not ended:  # a job that ended has nothing to cancel (no message to send)
+                self.cancel()
 
 
 def deliver(items: list[tuple[Ticket, Item]]) -> None:
