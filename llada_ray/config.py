@@ -335,6 +335,9 @@ class ScalingConfig(Strict):
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
     offload_optimizer: bool = False
+    fsdp_mixed_precision: bool = Field(
+        False, description="fsdp: weights in model.dtype for compute, gradients reduced in fp32"
+    )
     max_failures: Annotated[int, Field(ge=0)] = Field(
         3, description="worker-group restarts from the last checkpoint before a run fails"
     )
@@ -343,6 +346,8 @@ class ScalingConfig(Strict):
     def _zero_needs_deepspeed(self) -> ScalingConfig:
         if self.strategy != "deepspeed" and (self.zero_stage or self.offload_optimizer):
             raise ValueError("zero_stage and offload_optimizer apply to strategy: deepspeed only")
+        if self.strategy != "fsdp" and self.fsdp_mixed_precision:
+            raise ValueError("fsdp_mixed_precision applies to strategy: fsdp only")
         return self
 
 

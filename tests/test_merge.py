@@ -1,16 +1,19 @@
-"""Top-k merge: k identical checkpoints give the checkpoint; two give their mean."""
+"""Top-k merge: k identical checkpoints give the checkpoint; two give their mean, whether the
+weights come from an HF directory or from a training checkpoint's DCP shards."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from llada_ray.config import TinyModelConfig
-from llada_ray.model import build_tiny_model, load_model
-from llada_ray.model.merge import merge_checkpoints
+from llada_ray.model import DiffusionLM, build_tiny_model, load_model
+from llada_ray.model.merge import HFWeights, merge_checkpoints
+from llada_ray.train import checkpoint, shards
 
 SMALL = TinyModelConfig(
     hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64
@@ -39,7 +42,7 @@ def test_merge_identical_is_identity_and_two_is_mean(
     a = tmp_path / "a"
     saved(tiny_tokenizer, a, seed=1, shard=shard)
     assert (a / "model.safetensors.index.json").exists() == (shard is not None)
-    merge_checkpoints([a, a, a], tmp_path / "same")
+    merge_checkpoints([HFWeights(a)] * 3, a, tmp_path / "same")
     original, same = weights(a), weights(tmp_path / "same")
     assert same.keys() == original.keys()
     for name, tensor in original.items():
@@ -47,7 +50,7 @@ def test_merge_identical_is_identity_and_two_is_mean(
 
     b = tmp_path / "b"
     saved(tiny_tokenizer, b, seed=2, shard=shard)
-    merge_checkpoints([a, b], tmp_path / "mean")
+    merge_checkpoints([HFWeights(a), HFWeights(b)], a, tmp_path / "mean")
     wa, wb, mean = weights(a), weights(b), weights(tmp_path / "mean")
     for name in wa:
         torch.testing.assert_close(mean[name], (wa[name] + wb[name]) / 2)
@@ -60,4 +63,24 @@ def test_merge_refuses_different_architectures(tmp_path: Path, tiny_tokenizer) -
     other = build_tiny_model(SMALL.model_copy(update={"num_layers": 1}), tiny_tokenizer)
     other.save_pretrained(tmp_path / "b")
     with pytest.raises(ValueError, match="does not have the same tensors"):
-        merge_checkpoints([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+        merge_checkpoints([HFWeights(tmp_path / "b")], tmp_path / "a", tmp_path / "out")
+
+
+def test_merge_reads_dcp_shards_of_a_training_checkpoint(tmp_path: Path, tiny_tokenizer) -> None:
+    """A checkpoint before a run's end has no HF export: its weights come from the DCP model
+    shards (which keep the tied head twice), and the mean equals the HF-only mean."""
+    a = tmp_path / "a"
+    wa = saved(tiny_tokenizer, a, seed=1)
+    b = build_tiny_model(SMALL, tiny_tokenizer, seed=2)
+    ckpt = tmp_path / "ckpt"
+    shards.save(DiffusionLM(b).state_dict(), ckpt / checkpoint.DCP_MODEL)
+    checkpoint.write_manifest(ckpt, checkpoint.describe_files(ckpt), {"step": 5})
+    fs = pafs.LocalFileSystem()
+    reader = shards.ShardReader(
+        fs, str(ckpt), checkpoint.committed(fs, str(ckpt)), checkpoint.DCP_MODEL
+    )
+    merge_checkpoints([HFWeights(a), shards.DcpWeights(reader)], a, tmp_path / "mean")
+    mean, wb = weights(tmp_path / "mean"), b.state_dict()
+    assert mean.keys() == weights(a).keys()
+    for name in mean:
+        torch.testing.assert_close(mean[name], (wa[name] + wb[name]) / 2)

@@ -217,18 +217,36 @@ def test_samples_cover_each_training_row_once_per_epoch(tmp_path) -> None:
     np.testing.assert_array_equal(store.train_sample(5, flat[37:41]), rows[37:41])
 
 
-def test_resume_under_other_scaling_is_refused_before_submitting(tmp_path) -> None:
-    from llada_ray.train.run import _check_resumable, pipeline_root, run_path
+def test_resume_that_would_take_other_samples_is_refused_before_submitting(tmp_path) -> None:
+    """A run resumes under any number of DCP workers, but never with other data, another global
+    batch or seq_len (each fixes which samples a step takes), nor DeepSpeed's files under
+    another world size; the refusal names the field."""
+    import json
+
+    from llada_ray.train.run import check_resumable, pipeline_root, run_path
 
     raw = load_config("configs/tiny.yaml").model_dump()
     raw["storage"] = {"root": str(tmp_path)}
     cfg = PipelineConfig.model_validate(raw)
     fs, run_root = pipeline_root(cfg)
     unit = find_unit(cfg, "ar_pretrain")
-    _check_resumable(cfg, fs, run_root, unit)  # nothing written yet
+    check_resumable(cfg, fs, run_root, unit, "d1")  # nothing written yet
     ckpt = tmp_path / cfg.name / "train" / "ar_pretrain" / "checkpoint_00000050"
     ckpt.mkdir(parents=True)
-    (ckpt / "manifest.json").write_text('{"world_size": 4, "strategy": "deepspeed"}')
-    with pytest.raises(RuntimeError, match="written by 4 deepspeed workers"):
-        _check_resumable(cfg, fs, run_root, unit)
+    stage = unit.training
+    batch = stage.micro_batch_size * stage.grad_accumulation * cfg.scaling.num_workers
+    written = {"data": "d1", "global_batch": batch, "seq_len": cfg.data.seq_len,
+               "format": "dcp", "world_size": 7, "files": {}}  # fmt: skip
+    (ckpt / "manifest.json").write_text(json.dumps(written))
+    assert check_resumable(cfg, fs, run_root, unit, "d1")  # another world size: resharded
+    with pytest.raises(RuntimeError, match="written with data 'd1' and this config has 'd2'"):
+        check_resumable(cfg, fs, run_root, unit, "d2")
+    for field, value in (("global_batch", batch * 2), ("seq_len", 7), ("format", "deepspeed")):
+        (ckpt / "manifest.json").write_text(json.dumps({**written, field: value}))
+        with pytest.raises(RuntimeError, match=f"written with {field} "):
+            check_resumable(cfg, fs, run_root, unit, "d1")
+    deepspeed = raw | {"scaling": {"num_workers": 2, "strategy": "deepspeed"}}
+    (ckpt / "manifest.json").write_text(json.dumps({**written, "format": "deepspeed"}))
+    with pytest.raises(RuntimeError, match="written with world_size 7 and this config has 2"):
+        check_resumable(PipelineConfig.model_validate(deepspeed), fs, run_root, unit, "d1")
     assert run_path(run_root, unit).endswith("train/ar_pretrain")

@@ -166,6 +166,12 @@ class Packed:
     def shard_paths(self) -> list[str]:
         return [f"{self.path}/{s['file']}" for s in self.manifest["shards"]]
 
+    @property
+    def digest(self) -> str:
+        """What the rows are: a training checkpoint records it, and a resume must match it."""
+        fingerprint = json.dumps(self.manifest["fingerprint"], sort_keys=True)
+        return hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+
 
 def _read_manifest(fs: pafs.FileSystem, path: str) -> dict | None:
     try:

@@ -46,7 +46,10 @@ def ensure_mask_token(
 
 def embedding_rms(model: PreTrainedModel) -> float:
     """Root mean square of the input embedding weights: the default masked-embedding noise σ."""
-    return model.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt().item()
+    weight = model.get_input_embeddings().weight.detach()
+    if hasattr(weight, "full_tensor"):  # an FSDP shard: the whole table (a collective)
+        weight = weight.full_tensor()
+    return weight.float().pow(2).mean().sqrt().item()
 
 
 class DiffusionLM(nn.Module):

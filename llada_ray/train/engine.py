@@ -1,16 +1,20 @@
 """Strategies: how a DiffusionLM is wrapped, stepped and checkpointed on the workers.
 
   ddp        DistributedDataParallel via Ray Train's `prepare_model` (gloo on CPU, NCCL on GPU)
-  fsdp       FSDP2 `fully_shard` per decoder layer, then the root (torchtitan's layout)
+  fsdp       FSDP2 `fully_shard` per decoder layer, then the root (torchtitan's layout), with an
+             optional MixedPrecisionPolicy (`scaling.fsdp_mixed_precision`)
   deepspeed  a DeepSpeed engine with ZeRO stage 0-3, optional CPU optimizer offload
 
-All three expose one interface to the loop. Weights are kept in fp32; `model.dtype` bfloat16 /
-float16 is the compute precision (autocast for ddp / fsdp, DeepSpeed's own bf16 / fp16 mode with
-fp32 master weights), so small updates are never rounded away. The learning rate is set by the
-loop every step (a pure function of the step, see plan.learning_rate): no scheduler state.
-Weights are checkpointed as a full HF state dict gathered to rank 0; optimizer state as a full,
-wrapper-free state dict (ddp / fsdp, so a run can resume under the other) or DeepSpeed's own
-per-rank shards.
+All three expose one interface to the loop. Master weights are fp32; `model.dtype` bfloat16 /
+float16 is the compute precision (autocast or FSDP's param dtype for ddp / fsdp, DeepSpeed's own
+bf16 / fp16 mode), so small updates are never rounded away. The learning rate is set by the loop
+every step (a pure function of the step, see plan.learning_rate): no scheduler state.
+
+A model may arrive on the `meta` device (built from its config alone): ddp / fsdp then shard it
+first and allocate only this rank's part (`to_empty`), and the weights are loaded shard-wise,
+from a DCP checkpoint or from HF safetensors. Trainer state is saved with DCP (train.shards),
+each rank its own shard, and loads under any world size; DeepSpeed keeps its native per-rank
+ZeRO files. Full HF weights are gathered only for a run's final export.
 """
 
 from __future__ import annotations
@@ -18,11 +22,21 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from llada_ray.config import ScalingConfig, TrainingStage
 from llada_ray.model.adapter import DiffusionLM
+from llada_ray.train import shards
+from llada_ray.train.checkpoint import DCP_MODEL, DCP_OPTIM, fetch
 
 BETAS = (0.9, 0.95)
 HF_PREFIX = "hf."  # DiffusionLM keeps the Hugging Face model as `self.hf`
@@ -41,36 +55,130 @@ def _hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix(HF_PREFIX): v for k, v in state.items()}
 
 
-class TorchEngine:
-    """ddp / fsdp (or a single process): torch.optim.AdamW and torch.distributed state dicts."""
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    OPTIMIZER = "optimizer.pt"
+
+def on_meta(module: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters())
+
+
+def materialize(module: torch.nn.Module, device: torch.device) -> None:
+    """Allocate a meta-built (and possibly sharded) module on `device`, weights uninitialised.
+
+    `to_empty` gives a meta parameter a new Parameter per owner, so tied weights (a head tied to
+    the embeddings) are tied again. Non-persistent buffers are not in any checkpoint, so they
+    are computed again: the modules that hold them (rotary embeddings) are built from their
+    config alone, and theirs copied.
+    """
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append((sub, name))
+    module.to_empty(device=device)
+    for (first, first_name), *others in owners.values():
+        for sub, name in others:
+            setattr(sub, name, getattr(first, first_name))
+    for name, sub in module.named_modules():
+        own = [b for b in sub._non_persistent_buffers_set if getattr(sub, b, None) is not None]
+        if not own:
+            continue
+        if not hasattr(sub, "config"):
+            raise ValueError(
+                f"{name} ({type(sub).__name__}) has non-persistent buffers {own} that a meta "
+                "build cannot recompute: it needs a `config` to be rebuilt from"
+            )
+        fresh = type(sub)(sub.config)
+        for b in own:
+            getattr(sub, b).copy_(getattr(fresh, b))
+
+
+def shard(dlm: DiffusionLM, scaling: ScalingConfig, compute_dtype: torch.dtype) -> None:
+    """FSDP2 in place: each decoder layer, then the root; a no-op in one process."""
+    if not (_distributed() and scaling.strategy == "fsdp"):
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    layers = getattr(dlm.hf.base_model, "layers", None)
+    if layers is None:
+        raise ValueError(
+            f"strategy fsdp shards per decoder layer, and {type(dlm.hf).__name__} has no "
+            "base_model.layers: use ddp or deepspeed"
+        )
+    policy = MixedPrecisionPolicy()
+    if scaling.fsdp_mixed_precision:  # low-precision weights in compute, fp32 gradient reduce
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(dlm, mp_policy=policy)
+
+
+def place(
+    dlm: DiffusionLM, scaling: ScalingConfig, compute_dtype: torch.dtype, device: torch.device
+) -> None:
+    """Shard (fsdp), then allocate this rank's part on `device`: a meta-built model is
+    materialised only after sharding, so no rank ever holds the whole of it."""
+    shard(dlm, scaling, compute_dtype)
+    if on_meta(dlm):
+        materialize(dlm, device)
+    else:
+        dlm.to(device)
+
+
+def load_hf_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Weights from an HF safetensors directory, each rank reading only its own slices (DCP's
+    HuggingFaceStorageReader over memory-mapped files). A tied weight is stored once."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    state = get_model_state_dict(model)
+    named = _hf_names(state)
+    reader = HuggingFaceStorageReader(str(directory))
+    stored = set(shards.stored_tensors(reader))
+
+    def storage(t: torch.Tensor) -> int:
+        return (t.to_local() if hasattr(t, "to_local") else t).untyped_storage().data_ptr()
+
+    loaded = {storage(v) for k, v in named.items() if k in stored}
+    if missing := sorted(
+        k for k, v in named.items() if k not in stored and storage(v) not in loaded
+    ):
+        raise ValueError(f"{directory} lacks weights {missing[:5]}")
+    shards.load({k: v for k, v in named.items() if k in stored}, reader, partial=True)
+    set_model_state_dict(model, state)
+
+
+def load_model_shards(
+    model: torch.nn.Module, fs: pafs.FileSystem, path: str, manifest: dict
+) -> None:
+    """A stored checkpoint's weights from its DCP shards into a placed model (sharded or not)."""
+    state = get_model_state_dict(model)
+    reader = shards.ShardReader(fs, path, manifest, DCP_MODEL)
+    try:
+        shards.load(state, reader)
+    finally:
+        reader.cleanup()
+    set_model_state_dict(model, state)
+
+
+class TorchEngine:
+    """ddp / fsdp (or a single process): torch.optim.AdamW, trainer state in DCP shards."""
 
     def __init__(
-        self, dlm: DiffusionLM, scaling: ScalingConfig, stage: TrainingStage, dtype: str
+        self,
+        dlm: DiffusionLM,
+        scaling: ScalingConfig,
+        stage: TrainingStage,
+        dtype: str,
+        device: torch.device,
     ) -> None:
         self.dlm, self.stage, self.dtype = dlm, stage, getattr(torch, dtype)
-        self.distributed = dist.is_available() and dist.is_initialized()
-        if self.distributed and dist.get_world_size() > 1:
-            if scaling.strategy == "fsdp":
-                from torch.distributed.fsdp import fully_shard
+        place(dlm, scaling, self.dtype, device)
+        self.model: torch.nn.Module = dlm
+        if _distributed() and scaling.strategy == "ddp":
+            import ray.train.torch
 
-                layers = getattr(dlm.hf.base_model, "layers", None)
-                if layers is None:
-                    raise ValueError(
-                        f"strategy fsdp shards per decoder layer, and {type(dlm.hf).__name__} "
-                        "has no base_model.layers: use ddp or deepspeed"
-                    )
-                for layer in layers:
-                    fully_shard(layer)
-                fully_shard(dlm)
-                self.model: torch.nn.Module = dlm
-            else:
-                import ray.train.torch
-
-                self.model = ray.train.torch.prepare_model(dlm)
-        else:
-            self.model = dlm
+            self.model = ray.train.torch.prepare_model(dlm)
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.model, stage.weight_decay), lr=0.0, betas=BETAS
         )
@@ -95,42 +203,44 @@ class TorchEngine:
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full weights in HF names on rank 0 (a collective under FSDP); None elsewhere."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        if not self.distributed:
+        """Full weights in HF names on rank 0 (a collective when sharded); None elsewhere."""
+        if not _distributed():
             return _hf_names(self.dlm.state_dict())
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.model, options=options)
-        return _hf_names(state) if dist.get_rank() == 0 else None
+        if dist.get_rank() != 0:
+            return None
+        # Gathered, a tied weight comes back as two tensors: keep it once, as HF saves it.
+        seen: set[int] = set()
+        aliases = set()
+        for name, param in self.dlm.hf.named_parameters(remove_duplicate=False):
+            if id(param) in seen:
+                aliases.add(name)
+            seen.add(id(param))
+        return {k: v for k, v in _hf_names(state).items() if k not in aliases}
 
     def save_state(self, directory: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
+        """Collective: this rank's shards of the weights and the optimizer."""
+        model, optim = get_state_dict(self.model, self.optimizer)
+        shards.save(model, directory / DCP_MODEL)
+        shards.save(optim, directory / DCP_OPTIM)
 
-        if not self.distributed:
-            torch.save(self.optimizer.state_dict(), directory / self.OPTIMIZER)
+    def load_state(
+        self, fs: pafs.FileSystem, path: str, manifest: dict, optimizer: bool = True
+    ) -> None:
+        """Weights (and the optimizer) from the stored checkpoint's DCP shards, written under
+        any world size; this rank fetches only the shard files its part needs."""
+        if not optimizer:
+            load_model_shards(self.model, fs, path, manifest)
             return
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
-        if dist.get_rank() == 0:
-            torch.save(state, directory / self.OPTIMIZER)
-
-    def load_state(self, directory: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
-
-        state = torch.load(directory / self.OPTIMIZER, weights_only=True)
-        if not self.distributed:
-            self.optimizer.load_state_dict(state)
-            return
-        set_optimizer_state_dict(
-            self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True)
-        )
+        model, optim = get_state_dict(self.model, self.optimizer)
+        for state, part in ((model, DCP_MODEL), (optim, DCP_OPTIM)):
+            reader = shards.ShardReader(fs, path, manifest, part)
+            try:
+                shards.load(state, reader)
+            finally:
+                reader.cleanup()
+        set_state_dict(self.model, self.optimizer, model_state_dict=model, optim_state_dict=optim)
 
 
 class DeepSpeedEngine:
@@ -139,9 +249,17 @@ class DeepSpeedEngine:
     TAG = "deepspeed"
 
     def __init__(
-        self, dlm: DiffusionLM, scaling: ScalingConfig, stage: TrainingStage, lr: float, dtype: str
+        self,
+        dlm: DiffusionLM,
+        scaling: ScalingConfig,
+        stage: TrainingStage,
+        lr: float,
+        dtype: str,
+        device: torch.device,
     ) -> None:
         import deepspeed
+
+        dlm.to(device)
 
         zero: dict = {"stage": scaling.zero_stage}
         if scaling.offload_optimizer:
@@ -198,20 +316,36 @@ class DeepSpeedEngine:
         return _hf_names(state) if dist.get_rank() == 0 else None
 
     def save_state(self, directory: Path) -> None:
-        # Every rank writes its own optimizer shard; file names carry the rank, so Ray Train
-        # merges them into one checkpoint directory.
+        # Every rank writes its own ZeRO shard; file names carry the rank, so Ray Train merges
+        # them into one checkpoint directory. No weights are consolidated here.
         self.engine.save_checkpoint(str(directory), tag=self.TAG, save_latest=False)
 
-    def load_state(self, directory: Path) -> None:
-        self.engine.load_checkpoint(str(directory), tag=self.TAG)
+    def load_state(
+        self, fs: pafs.FileSystem, path: str, manifest: dict, optimizer: bool = True
+    ) -> None:
+        """DeepSpeed's own files (written under the same world size: the driver checks)."""
+        fetched = fetch(fs, path, select=lambda rel: rel.startswith(f"{self.TAG}/"))
+        if fetched is None:
+            raise RuntimeError(f"checkpoint {path} does not verify")
+        try:
+            self.engine.load_checkpoint(
+                str(fetched.local), tag=self.TAG, load_optimizer_states=optimizer
+            )
+        finally:
+            fetched.cleanup()
 
 
 Engine = TorchEngine | DeepSpeedEngine
 
 
 def build_engine(
-    dlm: DiffusionLM, scaling: ScalingConfig, stage: TrainingStage, lr: float, dtype: str
+    dlm: DiffusionLM,
+    scaling: ScalingConfig,
+    stage: TrainingStage,
+    lr: float,
+    dtype: str,
+    device: torch.device,
 ) -> Engine:
     if scaling.strategy == "deepspeed":
-        return DeepSpeedEngine(dlm, scaling, stage, lr, dtype)
-    return TorchEngine(dlm, scaling, stage, dtype)
+        return DeepSpeedEngine(dlm, scaling, stage, lr, dtype, device)
+    return TorchEngine(dlm, scaling, stage, dtype, device)

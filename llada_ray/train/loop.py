@@ -8,8 +8,10 @@ exactly as if it had never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -22,7 +24,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from llada_ray.config import CptStage, PipelineConfig, TrainingStage
 from llada_ray.data.corpus import load_tokenizer
@@ -32,7 +34,7 @@ from llada_ray.progress import RunProgress
 from llada_ray.storage import storage_root
 from llada_ray.train import checkpoint
 from llada_ray.train.batches import RowStore, micro_batch_index
-from llada_ray.train.engine import Engine, build_engine
+from llada_ray.train.engine import Engine, build_engine, load_hf_weights, load_model_shards, place
 from llada_ray.train.objectives import Objective, objective_for
 from llada_ray.train.plan import Unit, find_unit, learning_rate, total_steps
 
@@ -93,17 +95,51 @@ class MetricLog:
             log.warning("MLflow logging failed at step %d: %s", step, err)
 
 
-def _fetch(fs: pafs.FileSystem, path: str, what: str) -> checkpoint.Fetched:
-    fetched = checkpoint.fetch(fs, path)
+def _committed(fs: pafs.FileSystem, path: str, what: str) -> dict:
+    manifest = checkpoint.committed(fs, path)
+    if manifest is None:
+        raise RuntimeError(f"{what} {path} is not a committed checkpoint (a file is missing)")
+    return manifest
+
+
+def _restore(fs: pafs.FileSystem, run_path: str) -> tuple[str, dict] | None:
+    """Rank 0 picks the newest committed checkpoint (manifests and file sizes only); every rank
+    then loads its part of that one."""
+    chosen = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        chosen = [checkpoint.latest(fs, run_path)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
+
+
+def _from_config(cfg: PipelineConfig, fs: pafs.FileSystem, path: str, meta: bool) -> DiffusionLM:
+    """The architecture of a stored checkpoint (its config.json alone), on `meta` or with
+    random weights: the caller loads the real ones."""
+    fetched = checkpoint.fetch(fs, path, select=lambda rel: rel == "config.json")
     if fetched is None:
-        raise RuntimeError(f"{what} {path} does not verify (a file is missing or corrupt)")
-    return fetched
+        raise RuntimeError(f"checkpoint {path} has no readable config.json")
+    try:
+        config = AutoConfig.from_pretrained(
+            fetched.local, trust_remote_code=cfg.model.trust_remote_code
+        )
+    finally:
+        fetched.cleanup()
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        hf = AutoModelForCausalLM.from_config(
+            config,
+            dtype=torch.float32,
+            attn_implementation="sdpa",
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    return DiffusionLM(hf, cfg.model.attention, cfg.model.attention_tile)
 
 
-def _diffusion_lm(
+def _from_weights(
     cfg: PipelineConfig, source: str | Path, tokenizer: PreTrainedTokenizerBase
 ) -> DiffusionLM:
-    """A model to train: master weights in fp32 (model.dtype is the compute dtype)."""
+    """A whole model with its weights in this process: the tiny model from its seed, or an HF
+    model (the first run from `model.source`, which may still need its mask token row)."""
     if source == "tiny":
         hf = build_tiny_model(cfg.model.tiny, tokenizer, seed=cfg.seed)
     else:
@@ -116,17 +152,67 @@ def _diffusion_lm(
     return DiffusionLM(hf, cfg.model.attention, cfg.model.attention_tile)
 
 
-def _restore(fs: pafs.FileSystem, run_path: str) -> checkpoint.Fetched | None:
-    """Rank 0 picks the newest checkpoint that verifies; every rank then loads that one."""
-    chosen = [None]
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        found = checkpoint.latest(fs, run_path)
-        chosen = [found.path if found else None]
-        if found:
-            found.cleanup()
-    if dist.is_initialized():
-        dist.broadcast_object_list(chosen, src=0)
-    return _fetch(fs, chosen[0], "checkpoint") if chosen[0] else None
+def _load_weights(model: torch.nn.Module, fs: pafs.FileSystem, path: str, manifest: dict) -> None:
+    """A checkpoint's weights into a placed (sharded, materialised) model: its DCP shards when
+    it has them (a training run's output), else its HF safetensors (the merged model)."""
+    if any(rel.startswith(f"{checkpoint.DCP_MODEL}/") for rel in manifest["files"]):
+        load_model_shards(model, fs, path, manifest)
+        return
+    fetched = checkpoint.fetch(fs, path)
+    if fetched is None:
+        raise RuntimeError(f"checkpoint {path} does not verify")
+    try:
+        load_hf_weights(model, fetched.local)
+    finally:
+        fetched.cleanup()
+
+
+def _start(
+    cfg: PipelineConfig,
+    unit: Unit,
+    fs: pafs.FileSystem,
+    restored: tuple[str, dict] | None,
+    init: tuple[str, dict] | None,
+    tokenizer: PreTrainedTokenizerBase,
+    device: torch.device,
+) -> tuple[Engine, DiffusionLM | None]:
+    """The engine, its weights and optimizer in place, and DPO's frozen reference.
+
+    ddp / fsdp build every model on `meta` from its config, shard it, allocate only this rank's
+    part and load that part; DeepSpeed takes a whole model (its ZeRO-3 partitions on init).
+    """
+    stage = unit.training
+    assert stage is not None and unit.lr is not None
+    scaling = cfg.scaling
+    meta = scaling.strategy != "deepspeed"
+    start = restored or init
+    if start is None:
+        dlm = _from_weights(cfg, cfg.model.source, tokenizer)
+    elif meta or restored or unit.carries_optimizer:
+        dlm = _from_config(cfg, fs, start[0], meta)
+    else:
+        fetched = checkpoint.fetch(fs, init[0])
+        if fetched is None:
+            raise RuntimeError(f"the checkpoint to start from, {init[0]}, does not verify")
+        try:
+            dlm = _from_weights(cfg, fetched.local, tokenizer)
+        finally:
+            fetched.cleanup()
+    engine = build_engine(dlm, scaling, stage, unit.lr, cfg.model.dtype, device)
+    if restored or (init and unit.carries_optimizer):
+        engine.load_state(fs, *start, optimizer=True)
+    elif init and meta:
+        _load_weights(engine.model, fs, *init)
+
+    reference = None
+    if unit.objective == "dpo":
+        assert init is not None, "dpo always follows a training run"
+        reference = _from_config(cfg, fs, init[0], meta)
+        reference.requires_grad_(False)
+        place(reference, scaling, getattr(torch, cfg.model.dtype), device)  # sharded as the policy
+        _load_weights(reference, fs, *init)
+        reference.eval()
+    return engine, reference
 
 
 def train_loop(payload: dict) -> None:
@@ -146,49 +232,32 @@ def train_loop(payload: dict) -> None:
     noise_steps = noise.steps if noise else 0
     restored = _restore(fs, payload["run_path"])
     init_path = payload.get("init")
-    # The input checkpoint: the starting weights, DPO's frozen reference, or CPT's optimizer.
-    need_init = init_path and (restored is None or unit.objective == "dpo")
-    init = _fetch(fs, init_path, "the checkpoint to start from") if need_init else None
-    try:
-        if restored:
-            m = restored.manifest
-            pos = Position(
-                m["step"],
-                m["samples"],
-                m["tokens"],
-                m["embed_noise_std"],
-                m["checkpoint_seconds"],
-                resumed_from=m["step"],
-            )
-        source = restored.local if restored else init.local if init else cfg.model.source
-        dlm = _diffusion_lm(cfg, source, tokenizer)
-        if not restored:
-            base = 0.0
-            if noise and noise.steps:  # σ from the starting weights, kept in the manifest
-                base = embedding_rms(dlm.hf) if noise.std == "embedding_rms" else noise.std
-            pos = Position(embed_noise_std=base)
-        dlm.to(device)
-        reference = None
-        if unit.objective == "dpo":
-            assert init is not None, "dpo always follows a training run"
-            reference = _diffusion_lm(cfg, init.local, tokenizer).to(device).eval()
-            reference.requires_grad_(False)
-        engine = build_engine(dlm, cfg.scaling, stage, unit.lr, cfg.model.dtype)
-        if restored:
-            engine.load_state(restored.local)
-        elif unit.carries_optimizer and init:
-            engine.load_state(init.local)
-    finally:
-        for fetched in (restored, init):
-            if fetched:
-                fetched.cleanup()
+    init = None
+    if init_path:
+        init = (init_path, _committed(fs, init_path, "the checkpoint to start from"))
+    engine, reference = _start(cfg, unit, fs, restored, init, tokenizer, device)
+    if restored:
+        m = restored[1]
+        pos = Position(
+            m["step"],
+            m["samples"],
+            m["tokens"],
+            m["embed_noise_std"],
+            m["checkpoint_seconds"],
+            resumed_from=m["step"],
+        )
+    else:
+        base = 0.0
+        if noise and noise.steps:  # σ from the starting weights, kept in the manifest
+            base = embedding_rms(engine.dlm.hf) if noise.std == "embedding_rms" else noise.std
+        pos = Position(embed_noise_std=base)
 
     store = RowStore(fs, payload["data"], cfg.data.validation_fraction)
     steps = total_steps(unit, cfg, len(store.train_ids), world)
     objective = objective_for(
         unit,
         cfg,
-        dlm.mask_token_id,
+        engine.dlm.mask_token_id,
         tokenizer.pad_token_id,
         tokenizer.eos_token_id,
         reference=reference,
@@ -196,6 +265,15 @@ def train_loop(payload: dict) -> None:
         device=device,
     )
     metrics_log = MetricLog(payload.get("tracking"), rank)
+    # What a resume must match (checked by the driver before it submits, run.check_resumable).
+    identity = {
+        "world_size": world,
+        "strategy": cfg.scaling.strategy,
+        "format": "deepspeed" if cfg.scaling.strategy == "deepspeed" else "dcp",
+        "global_batch": stage.micro_batch_size * stage.grad_accumulation * world,
+        "seq_len": cfg.data.seq_len,
+        "data": payload["data_fingerprint"],
+    }
     run_seed = _seed(cfg.seed, unit.name)
 
     def validate() -> dict[str, float]:
@@ -220,8 +298,10 @@ def train_loop(payload: dict) -> None:
                 pos.step, micro, rank, world, stage.micro_batch_size, stage.grad_accumulation
             )
             rows = store.rows(store.train_sample(run_seed, index))
-            torch.manual_seed(_seed(run_seed, pos.step, rank, micro))  # e.g. embedding noise
-            gen = torch.Generator(device).manual_seed(_seed(run_seed, pos.step, rank, micro, "t"))
+            # Draws keyed by the micro-batch's first global sample, not by rank: the same
+            # samples get the same noise under any (workers, accumulation) of one global batch.
+            torch.manual_seed(_seed(run_seed, int(index[0])))  # e.g. embedding noise
+            gen = torch.Generator(device).manual_seed(_seed(run_seed, int(index[0]), "t"))
             with engine.autocast():
                 out = objective(engine.model, rows, gen, pos.step)
             engine.backward(out.loss)
@@ -253,7 +333,7 @@ def train_loop(payload: dict) -> None:
         if progress:
             progress.update(pos.step, figures["loss"], figures["tokens_per_s"])
         if at_checkpoint:
-            _save(engine, tokenizer, pos, figures, unit, cfg, steps, rank, world)
+            _save(engine, tokenizer, pos, figures, unit, cfg, steps, identity, rank, world)
             metrics_log.log({"checkpoint_seconds": pos.checkpoint_seconds}, pos.step)
 
 
@@ -267,26 +347,29 @@ def _validate(
     run_seed: int,
     device: torch.device,
 ) -> dict[str, float]:
-    """Mean metrics over held-out rows, with fixed noise draws so passes are comparable.
+    """Mean metrics over held-out micro-batches, with fixed noise draws so passes are
+    comparable, and the same batches and draws under any world size.
 
-    Every rank runs the same number of batches (sharded models run collectives in forward).
+    Every rank runs the same number of forwards (sharded models run collectives in forward): a
+    rank past the last batch runs one again and does not count it.
     """
     ids = store.val_ids if len(store.val_ids) else store.train_ids
     micro = stage.micro_batch_size
-    batches = max(1, min(stage.eval_rows, len(ids)) // (micro * world))
+    total = max(1, min(stage.eval_rows, len(ids)) // micro)
     sums: dict[str, float] = {}
     engine.model.eval()
     with torch.no_grad():
-        for b in range(batches):
-            start = (b * world + rank) * micro
+        for b in range(math.ceil(total / world)):
+            index = b * world + rank
+            start = (index % total) * micro
             rows = store.rows(ids[np.arange(start, start + micro) % len(ids)])
-            gen = torch.Generator(device).manual_seed(_seed(run_seed, "val", b, rank))
+            gen = torch.Generator(device).manual_seed(_seed(run_seed, "val", start))
             with engine.autocast():
                 out = objective(engine.model, rows, gen, 1 << 30)  # past the embedding noise
             for k, v in out.metrics.items():
-                sums[k] = sums.get(k, 0.0) + v / batches
+                sums[k] = sums.get(k, 0.0) + (v if index < total else 0.0)
     engine.model.train()
-    return _all_mean(sums, device)
+    return {k: v * world / total for k, v in _all_mean(sums, device).items()}
 
 
 def _save(
@@ -297,16 +380,24 @@ def _save(
     unit: Unit,
     cfg: PipelineConfig,
     steps: int,
+    identity: dict,
     rank: int,
     world: int,
 ) -> None:
-    """Write this rank's part of the checkpoint, the manifest (rank 0, last) and report it."""
+    """Write this rank's part of the checkpoint, the manifest (rank 0, last) and report it.
+
+    Every rank writes its own trainer-state shard; rank 0 adds the config (and, at the run's
+    final step only, the HF export: the one time full weights are gathered)."""
     started = time.perf_counter()
     local = Path(tempfile.mkdtemp(prefix="llada-save-"))  # Ray deletes it after the upload
-    state = engine.hf_state_dict()
+    final = pos.step == steps
+    state = engine.hf_state_dict() if final else None  # a collective: every rank calls it
     if rank == 0:
-        engine.dlm.hf.save_pretrained(local, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(local)
+        if final:
+            engine.dlm.hf.save_pretrained(local, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(local)
+        else:
+            engine.dlm.hf.config.save_pretrained(local)
     engine.save_state(local)
     mine = checkpoint.describe_files(local)
     files = mine
@@ -326,19 +417,18 @@ def _save(
                 "block_size": unit.block_size,
                 "step": pos.step,
                 "steps": steps,
-                "final": pos.step == steps,
+                "final": final,
                 "samples": pos.samples,
                 "tokens": pos.tokens,
                 "val_loss": val_loss,
-                "world_size": world,
-                "strategy": cfg.scaling.strategy,
+                **identity,
                 "embed_noise_std": pos.embed_noise_std,
                 "resumed_from": pos.resumed_from,
                 "checkpoint_seconds": pos.checkpoint_seconds + (time.perf_counter() - started),
                 "created": time.time(),
             },
         )
-    if not mine:  # e.g. DDP ranks > 0: rank 0 writes the whole checkpoint
+    if not mine:  # nothing of this rank's to upload
         shutil.rmtree(local)
     ray.train.report(
         {"step": pos.step, "val_loss": val_loss, "tokens": pos.tokens},

@@ -30,9 +30,9 @@ from ray.train.torch import TorchTrainer
 from llada_ray import tracking
 from llada_ray.config import PipelineConfig
 from llada_ray.data.pack import pack_all
-from llada_ray.model.merge import merge_checkpoints
+from llada_ray.model.merge import HFWeights, merge_checkpoints
 from llada_ray.storage import storage_root
-from llada_ray.train import checkpoint
+from llada_ray.train import checkpoint, shards
 from llada_ray.train.loop import train_loop
 from llada_ray.train.plan import Unit, input_unit, units
 
@@ -59,38 +59,41 @@ def merge_path(run_root: str) -> str:
     return f"{run_root}/models/merge"
 
 
-def output_of(fs: pafs.FileSystem, run_root: str, unit: Unit) -> checkpoint.Fetched | None:
-    """The verified output of a finished run, or None if it has not finished."""
+def finished(fs: pafs.FileSystem, run_root: str, unit: Unit) -> tuple[str, dict] | None:
+    """(path, manifest) of a run's committed final checkpoint, or None if it has not finished.
+    Manifests and file sizes only: nothing is downloaded."""
     if unit.objective == "merge":
-        return checkpoint.fetch(fs, merge_path(run_root))
+        manifest = checkpoint.committed(fs, merge_path(run_root))
+        return (merge_path(run_root), manifest) if manifest else None
     found = checkpoint.latest(fs, run_path(run_root, unit))
-    if found is not None and not found.manifest.get("final"):
-        found.cleanup()
-        return None
-    return found
+    return found if found is not None and found[1].get("final") else None
+
+
+def output_of(fs: pafs.FileSystem, run_root: str, unit: Unit) -> checkpoint.Fetched | None:
+    """The model a finished run produced (its HF export, checked), or None."""
+    done = finished(fs, run_root, unit)
+    return checkpoint.fetch(fs, done[0]) if done else None
 
 
 def _input_of(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, unit: Unit) -> str | None:
     before = input_unit(cfg, unit)
     if before is None:
         return None
-    out = output_of(fs, run_root, before)
-    if out is None:
+    done = finished(fs, run_root, before)
+    if done is None:
         raise RuntimeError(
             f"run {unit.name!r} starts from {before.name!r}, which has not finished: run it first"
         )
-    out.cleanup()
-    return out.path
+    return done[0]
 
 
 def run_unit(cfg: PipelineConfig, unit: Unit, parent_run_id: str | None = None) -> RunOutcome:
     """Run one unit of the plan to completion (resuming it if it was interrupted)."""
     started = time.perf_counter()
     fs, run_root = pipeline_root(cfg)
-    done = output_of(fs, run_root, unit)
+    done = finished(fs, run_root, unit)
     if done is not None:
-        done.cleanup()
-        return RunOutcome(unit.name, done.path, done.manifest, False, 0.0)
+        return RunOutcome(unit.name, *done, False, 0.0)
     init = _input_of(cfg, fs, run_root, unit)
     if unit.objective == "merge":
         mlflow_run = tracking.start_run(
@@ -101,8 +104,8 @@ def run_unit(cfg: PipelineConfig, unit: Unit, parent_run_id: str | None = None) 
         seconds = time.perf_counter() - started
         return RunOutcome(unit.name, merge_path(run_root), manifest, True, seconds)
 
-    written = _check_resumable(cfg, fs, run_root, unit)
     packed = pack_all(cfg, fs, run_root)
+    written = check_resumable(cfg, fs, run_root, unit, packed[unit.data].digest)
     params = {
         "run": {
             "name": unit.name,
@@ -126,6 +129,7 @@ def run_unit(cfg: PipelineConfig, unit: Unit, parent_run_id: str | None = None) 
         "init": init,
         "tokenizer": f"{run_root}/tokenizer",
         "data": packed[unit.data].path,
+        "data_fingerprint": packed[unit.data].digest,
         "tracking": {"uri": tracking.resolve_uri(cfg.tracking.uri), "run_id": mlflow_run},
         "launched_at_step": max((m.get("step", 0) for _, m in written), default=0),
     }
@@ -157,31 +161,44 @@ def run_unit(cfg: PipelineConfig, unit: Unit, parent_run_id: str | None = None) 
     except Exception:
         tracking.finish_run(cfg, mlflow_run, None, failed=True)
         raise
-    out = output_of(fs, run_root, unit)
-    if out is None:
+    done = finished(fs, run_root, unit)
+    if done is None:
         tracking.finish_run(cfg, mlflow_run, None, failed=True)
-        raise RuntimeError(f"run {unit.name!r} ended without a verified final checkpoint")
-    out.cleanup()
-    tracking.finish_run(cfg, mlflow_run, out.manifest)
-    return RunOutcome(unit.name, out.path, out.manifest, True, time.perf_counter() - started)
+        raise RuntimeError(f"run {unit.name!r} ended without a committed final checkpoint")
+    tracking.finish_run(cfg, mlflow_run, done[1])
+    return RunOutcome(unit.name, *done, True, time.perf_counter() - started)
 
 
-def _check_resumable(
-    cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, unit: Unit
+def check_resumable(
+    cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, unit: Unit, data: str
 ) -> list[tuple[str, dict]]:
-    """The run's checkpoint manifests so far. A run resumes only under the scaling that wrote
-    its checkpoints: the sample order and the optimizer shards depend on it. Refused here,
-    before anything is submitted."""
+    """The run's checkpoint manifests so far, if the config can continue them. Refused here,
+    before anything is submitted, naming the field: the data, the global batch and seq_len fix
+    which sample each step takes; DCP checkpoints reshard to any world size, DeepSpeed's do not.
+    """
     written = checkpoint.read_manifests(fs, run_path(run_root, unit))
     if not written:
         return written
     path, m = written[0]
-    if (m.get("world_size"), m.get("strategy")) != (cfg.scaling.num_workers, cfg.scaling.strategy):
-        raise RuntimeError(
-            f"{path} was written by {m.get('world_size')} {m.get('strategy')} workers; resume "
-            f"with scaling.num_workers {m.get('world_size')} and strategy {m.get('strategy')}, "
-            f"or delete {run_path(run_root, unit)} to start the run over"
-        )
+    stage = unit.training
+    assert stage is not None
+    world = cfg.scaling.num_workers
+    fmt = "deepspeed" if cfg.scaling.strategy == "deepspeed" else "dcp"
+    now = {
+        "data": data,
+        "global_batch": stage.micro_batch_size * stage.grad_accumulation * max(world, 1),
+        "seq_len": cfg.data.seq_len,
+        "format": fmt,
+    }
+    if fmt == "deepspeed":
+        now["world_size"] = world
+    for field, value in now.items():
+        if m.get(field) != value:
+            raise RuntimeError(
+                f"{path} was written with {field} {m.get(field)!r} and this config has "
+                f"{value!r}: resume with the same {field}, or delete {run_path(run_root, unit)} "
+                "to start the run over"
+            )
     return written
 
 
@@ -189,44 +206,60 @@ def merge_top_k(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str) -> dict
     """Average the k checkpoints of the last CPT phase with the lowest validation loss.
 
     The last phase trains at the block size used for decoding, so its validation losses are
-    comparable; its top-k (+ latest) are what Ray Train kept.
+    comparable; its top-k (+ latest) are what Ray Train kept. Only their weights are read (DCP
+    model shards, or an HF export): never the optimizer state.
     """
     plan = units(cfg)
     merge = next(u for u in plan if u.objective == "merge")
     last_cpt = [u for u in plan if u.objective in ("bd", "stable")][-1]
     candidates = [
-        (m["val_loss"], path, m)
+        (m["val_loss"], path)
         for path, m in checkpoint.read_manifests(fs, run_path(run_root, last_cpt))
         if isinstance(m.get("val_loss"), float) and math.isfinite(m["val_loss"])
     ]
-    chosen: list[checkpoint.Fetched] = []
-    for _, path, _ in sorted(candidates, key=lambda c: (c[0], c[1])):
-        fetched = checkpoint.fetch(fs, path)
-        if fetched is not None:
-            chosen.append(fetched)
-        if len(chosen) == merge.stage.top_k:
-            break
-    if not chosen:
-        raise RuntimeError(f"no verified checkpoint of {last_cpt.name!r} to merge")
+    done = finished(fs, run_root, last_cpt)
+    like = checkpoint.fetch(fs, done[0]) if done else None
+    if like is None:
+        raise RuntimeError(f"{last_cpt.name!r} has no verified final checkpoint to merge into")
+    opened: list = [like]
+    chosen: list[tuple[str, dict]] = []
     try:
+        sources = []
+        for _, path in sorted(candidates):
+            manifest = checkpoint.committed(fs, path)
+            if manifest is None:
+                continue
+            if any(rel.startswith(f"{checkpoint.DCP_MODEL}/") for rel in manifest["files"]):
+                reader = shards.ShardReader(fs, path, manifest, checkpoint.DCP_MODEL)
+                opened.append(reader)
+                sources.append(shards.DcpWeights(reader))
+            else:  # a final checkpoint's HF export (DeepSpeed runs have no DCP shards)
+                fetched = checkpoint.fetch(fs, path)
+                if fetched is None:
+                    continue
+                opened.append(fetched)
+                sources.append(HFWeights(fetched.local))
+            chosen.append((path, manifest))
+            if len(chosen) == merge.stage.top_k:
+                break
         with tempfile.TemporaryDirectory() as out:
-            merge_checkpoints([c.local for c in chosen], Path(out))
+            merge_checkpoints(sources, like.local, Path(out))
             manifest = {
                 "run": "merge",
                 "pipeline": cfg.name,
                 "final": True,
                 "sources": [
-                    {"path": c.path, "step": c.manifest["step"], "val_loss": c.manifest["val_loss"]}
-                    for c in chosen
+                    {"path": path, "step": m["step"], "val_loss": m["val_loss"]}
+                    for path, m in chosen
                 ],
-                "sources_val_loss_mean": sum(c.manifest["val_loss"] for c in chosen) / len(chosen),
+                "sources_val_loss_mean": sum(m["val_loss"] for _, m in chosen) / len(chosen),
                 "created": time.time(),
             }
             checkpoint.write_manifest(Path(out), checkpoint.describe_files(Path(out)), manifest)
             checkpoint.upload(Path(out), fs, merge_path(run_root))
     finally:
-        for c in chosen:
-            c.cleanup()
+        for item in opened:
+            item.cleanup()
     return manifest
 
 
