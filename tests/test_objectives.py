@@ -190,9 +190,10 @@ def test_dpo_needs_a_rate_from_somewhere() -> None:
 def test_samples_cover_each_training_row_once_per_epoch(tmp_path) -> None:
     table = pa.table({"x": np.arange(103)})
     (tmp_path / "shards").mkdir()
-    pq.write_table(table.slice(0, 50), tmp_path / "shards/a.parquet")
-    pq.write_table(table.slice(50), tmp_path / "shards/b.parquet")
-    manifest = {"shards": [{"file": "shards/a.parquet"}, {"file": "shards/b.parquet"}]}
+    pq.write_table(table.slice(0, 50), tmp_path / "shards/a.parquet", row_group_size=7)
+    pq.write_table(table.slice(50), tmp_path / "shards/b.parquet", row_group_size=7)
+    manifest = {"shards": [{"file": "shards/a.parquet", "rows": 50},
+                           {"file": "shards/b.parquet", "rows": 53}]}  # fmt: skip
     (tmp_path / "manifest.json").write_text(__import__("json").dumps(manifest))
     store = RowStore(pafs.LocalFileSystem(), str(tmp_path), validation_fraction=0.1)
     assert set(store.train_ids).isdisjoint(store.val_ids)
@@ -215,6 +216,35 @@ def test_samples_cover_each_training_row_once_per_epoch(tmp_path) -> None:
     assert list(store.rows(rows[:4])["x"]) == list(rows[:4])
     # A pure function of the index: a resumed run asks again and gets the same rows.
     np.testing.assert_array_equal(store.train_sample(5, flat[37:41]), rows[37:41])
+
+
+def test_rows_are_read_by_index_in_memory_bounded_by_the_cache(tmp_path) -> None:
+    """Rows come back by global index across shards and row groups, equal to the whole table
+    read at once; Arrow holds at most the cached row groups, never the corpus."""
+    seq, group, shards, per_shard = 512, 16, 4, 1600
+    (tmp_path / "shards").mkdir()
+    listed = []
+    for k in range(shards):
+        ids = np.arange(k * per_shard, (k + 1) * per_shard)
+        table = pa.table({"x": ids, "input_ids": [np.full(seq, i, np.int32) for i in ids]})
+        pq.write_table(table, tmp_path / f"shards/{k}.parquet", row_group_size=group)
+        listed.append({"file": f"shards/{k}.parquet", "rows": per_shard})
+    (tmp_path / "manifest.json").write_text(__import__("json").dumps({"shards": listed}))
+    corpus_bytes = shards * per_shard * seq * 4
+
+    store = RowStore(pafs.LocalFileSystem(), str(tmp_path), 0.0, cached_groups=8)
+    before, peak = pa.total_allocated_bytes(), 0
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        ids = rng.integers(0, shards * per_shard, 8)
+        rows = store.rows(ids)
+        assert rows["x"] == list(ids)
+        assert [r[0] for r in rows["input_ids"]] == list(ids) and len(rows["input_ids"][0]) == seq
+        peak = max(peak, pa.total_allocated_bytes() - before)
+    assert len(store.cache) == 8
+    assert peak <= 8 * group * seq * 4 * 2 < corpus_bytes / 10  # the cache (+ a batch), not more
+    with pytest.raises(IndexError, match="outside"):
+        store.rows(np.array([shards * per_shard]))
 
 
 def test_resume_that_would_take_other_samples_is_refused_before_submitting(tmp_path) -> None:

@@ -18,17 +18,20 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import ray.data
-from ray.data.expressions import col
+from ray.data import Datasink
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource import WriteResult
 
 from llada_ray.config import DpoStage, PipelineConfig, SftStage
 from llada_ray.data.chat import ChatError, dpo_row, rows_name, sft_row
@@ -43,7 +46,10 @@ from llada_ray.data.corpus import (
 from llada_ray.data.documents import BadRowError
 from llada_ray.data.packing import Piece, Rows, pack
 
-FORMAT_VERSION = 2  # 2: the completion column
+if TYPE_CHECKING:  # Datasink.write's context type has no public import path
+    from ray.data._internal.execution.interfaces import TaskContext
+
+FORMAT_VERSION = 3  # 2: the completion column; 3: small row groups, read by index
 DOCUMENTS_PER_PACK_BATCH = 4096
 ROW_SCHEMA = pa.schema(
     [
@@ -152,6 +158,60 @@ def _pieces_of(fragment: dict) -> list[Piece]:
     ]
 
 
+# --- streamed shards --------------------------------------------------------------------------
+
+
+ROWS_PER_GROUP = 16  # training reads rows by index (train.batches.RowStore): small row groups
+
+
+class ShardSink(Datasink[dict]):
+    """Streams rows to Parquet shards: one file per write task, in small row groups.
+
+    Each task splits its blocks into the rows to store and a small side result (packing's
+    marked remainders, chat rows' rejection reasons), writes the rows, and returns the side
+    result with the file's name, bytes, rows and sha256: the driver builds the manifest from
+    these, without reading any shard back or holding the dataset anywhere.
+    """
+
+    def __init__(self, fs: pafs.FileSystem, path: str, split: Callable[[pa.Table], tuple]) -> None:
+        self.fs, self.path, self.split = fs, path, split
+        self.results: list[dict] = []
+
+    def write(self, blocks: Iterable[Block], ctx: TaskContext) -> dict:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        rows, side = self.split(pa.concat_tables(tables)) if tables else (None, [])
+        out: dict = {"index": ctx.task_idx, "side": side, "shard": None}
+        if rows is not None and rows.num_rows:
+            out["shard"] = write_shard(self.fs, self.path, f"{ctx.task_idx:06d}.parquet", rows)
+        return out
+
+    def on_write_complete(self, write_result: WriteResult[dict]) -> None:
+        self.results = sorted(write_result.write_returns, key=lambda r: r["index"])
+
+    @property
+    def shards(self) -> list[dict]:
+        return [r["shard"] for r in self.results if r["shard"]]
+
+    @property
+    def sides(self) -> list:
+        return [item for r in self.results for item in r["side"]]
+
+
+def write_shard(fs: pafs.FileSystem, path: str, name: str, rows: pa.Table) -> dict:
+    """One Parquet shard under `<path>/shards/`, described for the manifest."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(rows, buffer, row_group_size=ROWS_PER_GROUP)
+    data = buffer.getvalue()
+    with fs.open_output_stream(f"{path}/shards/{name}") as out:
+        out.write(data)
+    return {
+        "file": f"shards/{name}",
+        "bytes": data.size,
+        "rows": rows.num_rows,
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
 # --- manifests --------------------------------------------------------------------------------
 
 
@@ -183,24 +243,6 @@ def _read_manifest(fs: pafs.FileSystem, path: str) -> dict | None:
     if any(info.size != s["bytes"] for info, s in zip(infos, manifest["shards"], strict=True)):
         return None  # a shard is missing or was changed: the manifest no longer holds
     return manifest
-
-
-def _describe_shards(fs: pafs.FileSystem, path: str, manifest: dict) -> dict:
-    """The manifest plus the written shards: file, bytes, rows, sha256; and the row total."""
-    shards = []
-    infos = fs.get_file_info(pafs.FileSelector(f"{path}/shards"))
-    for info in sorted((i for i in infos if i.path.endswith(".parquet")), key=lambda i: i.path):
-        with fs.open_input_stream(info.path) as stream:
-            data = stream.read()
-        shards.append(
-            {
-                "file": info.path.removeprefix(f"{path}/"),
-                "bytes": info.size,
-                "rows": pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows,
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
-        )
-    return {**manifest, "rows": sum(s["rows"] for s in shards), "shards": shards}
 
 
 def _write_manifest(fs: pafs.FileSystem, path: str, manifest: dict) -> dict:
@@ -245,8 +287,9 @@ def pack_pretraining(
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the same corpus always packs the same rows
+    sink = ShardSink(fs, path, _split_packed)
     with _bad_row_errors():
-        packed = (
+        (
             read_records(cfg.data.pretrain, cfg, tokenizer=tokenizer)
             .map_batches(
                 Tokenize,
@@ -265,9 +308,9 @@ def pack_pretraining(
                 batch_size=DOCUMENTS_PER_PACK_BATCH,
                 batch_format="pyarrow",
             )
-            .materialize()
+            .write_datasink(sink)
         )
-    tails = packed.filter(expr=col("complete") == False).take_all()  # noqa: E712
+    tails = sink.sides
     stats = [json.loads(t["stats"]) for t in tails]
     bad_rows = sum((Counter(s["bad"]) for s in stats), Counter())
     tokens = sum(s["tokens"] for s in stats)
@@ -275,28 +318,25 @@ def pack_pretraining(
     last_rows, _ = pack(
         pieces, cfg.data.seq_len, encoder.pad_id, split_documents=cfg.data.split_documents
     )
-    full = packed.filter(expr=col("complete") == True)  # noqa: E712
+    shards = sink.shards
     if len(last_rows):
-        full = full.union(ray.data.from_arrow(_rows_table(last_rows, complete=True)))
-    full.drop_columns(["complete", "stats"]).write_parquet(f"{path}/shards", filesystem=fs)
-
-    manifest = _describe_shards(
-        fs,
-        path,
-        {
-            "fingerprint": fingerprint,
-            "tokens": tokens,
-            "documents": sum(s["documents"] for s in stats),
-            "bad_rows": dict(sorted(bad_rows.items())),
-            "tokenizer": {
-                "path": tokenizer_path,
-                "eos": encoder.eos_id,
-                "pad": encoder.pad_id,
-                "vocab": encoder.tokenizer.get_vocab_size(),
-            },
-            "restart_positions": cfg.data.restart_positions,
+        last = _rows_table(last_rows, complete=True).drop_columns(["complete", "stats"])
+        shards.append(write_shard(fs, path, "last.parquet", last))
+    manifest = {
+        "fingerprint": fingerprint,
+        "tokens": tokens,
+        "documents": sum(s["documents"] for s in stats),
+        "bad_rows": dict(sorted(bad_rows.items())),
+        "tokenizer": {
+            "path": tokenizer_path,
+            "eos": encoder.eos_id,
+            "pad": encoder.pad_id,
+            "vocab": encoder.tokenizer.get_vocab_size(),
         },
-    )
+        "restart_positions": cfg.data.restart_positions,
+        "rows": sum(s["rows"] for s in shards),
+        "shards": shards,
+    }
     capacity = manifest["rows"] * cfg.data.seq_len
     manifest["padding_tokens"] = capacity - tokens
     manifest["padding_fraction"] = (capacity - tokens) / max(capacity, 1)
@@ -366,42 +406,44 @@ def build_chat_rows(
         return Packed(path, manifest, reused=True)
     _fresh(fs, path)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    sink = ShardSink(fs, path, _split_chat)
     with _bad_row_errors():
-        built = (
-            read_records(sources, cfg, kind=kind)
-            .map_batches(
-                ChatRows,
-                fn_constructor_args=(
-                    fs,
-                    tokenizer_path,
-                    kind,
-                    block_size,
-                    max_len,
-                    cfg.data.bad_rows == "fail",
-                ),
-                batch_format="pyarrow",
-                batch_size=256,
-                compute=_actor_pool(),
-            )
-            .materialize()
-        )
-    bad_rows = Counter(
-        reason
-        for batch in built.select_columns(["error"]).iter_batches(batch_format="pyarrow")
-        for reason in batch.column("error").drop_null().to_pylist()
-    )
-    rows = built.filter(expr=col("error").is_null()).map_batches(
-        _decode_rows, batch_format="pyarrow", batch_size=1024
-    )
-    rows.write_parquet(f"{path}/shards", filesystem=fs)
-    manifest = _describe_shards(
-        fs, path, {"fingerprint": fingerprint, "bad_rows": dict(sorted(bad_rows.items()))}
-    )
+        read_records(sources, cfg, kind=kind).map_batches(
+            ChatRows,
+            fn_constructor_args=(
+                fs,
+                tokenizer_path,
+                kind,
+                block_size,
+                max_len,
+                cfg.data.bad_rows == "fail",
+            ),
+            batch_format="pyarrow",
+            batch_size=256,
+            compute=_actor_pool(),
+        ).write_datasink(sink)
+    manifest = {
+        "fingerprint": fingerprint,
+        "bad_rows": dict(sorted(Counter(sink.sides).items())),
+        "rows": sum(s["rows"] for s in sink.shards),
+        "shards": sink.shards,
+    }
     return Packed(path, _write_manifest(fs, path, manifest), reused=False)
 
 
-def _decode_rows(batch: pa.Table) -> pa.Table:
-    return pa.Table.from_pylist([json.loads(r) for r in batch.column("row").to_pylist()])
+def _split_packed(table: pa.Table) -> tuple[pa.Table, list[dict]]:
+    """Packed rows to store, and the marked remainders (with their stats) for the driver."""
+    complete = pc.equal(table.column("complete"), True)
+    full = table.filter(complete).drop_columns(["complete", "stats"])
+    return full, table.filter(pc.invert(complete)).to_pylist()
+
+
+def _split_chat(table: pa.Table) -> tuple[pa.Table | None, list[str]]:
+    """Chat rows to store (decoded from their JSON), and the rejected samples' reasons."""
+    errors = table.column("error").to_pylist()
+    rows = [json.loads(r) for r, e in zip(table.column("row").to_pylist(), errors, strict=True)
+            if not e]  # fmt: skip
+    return (pa.Table.from_pylist(rows) if rows else None), [e for e in errors if e]
 
 
 # --- shared -----------------------------------------------------------------------------------

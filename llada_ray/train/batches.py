@@ -2,11 +2,12 @@
 
 Why not a Ray Data iterator here: a run killed mid-phase must resume on exactly the next sample,
 and Ray Data's streaming split hands blocks to workers in whatever order they ask (and does not
-resume mid-epoch). So the packed shards (written by Ray Data, #3) are read by each worker with
-pyarrow, and sample i of a run is a pure function of (seed, run, i): epoch i // n, then a seeded
-permutation of the training rows. Global step s takes samples [s·G, (s+1)·G) for the global batch
-G, and rank r's micro-batch m the slice at (m·world + r)·micro. A checkpoint stores s; nothing is
-skipped or repeated after a restart (with the same number of workers: the loop refuses another).
+resume mid-epoch). So each worker reads the rows it needs, by index, from the packed Parquet
+shards (written by Ray Data, #3, in small row groups), and sample i of a run is a pure function of
+(seed, run, i): epoch i // n, then a seeded permutation of the training rows. Global step s takes
+samples [s·G, (s+1)·G) for the global batch G, and rank r's micro-batch m the slice at
+(m·world + r)·micro. A checkpoint stores s; nothing is skipped or repeated after a restart, under
+any number of workers that keeps G (the driver refuses another G).
 
 The held-out split is every k-th stored row (k = round(1 / validation_fraction)): spread over the
 whole corpus, fixed across runs.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -28,17 +30,29 @@ import torch
 
 
 class RowStore:
-    """The rows of one packed dataset (manifest + parquet shards), split train / validation."""
+    """The rows of one packed dataset (manifest + Parquet shards), split train / validation,
+    read lazily by global row index.
 
-    def __init__(self, fs: pafs.FileSystem, path: str, validation_fraction: float) -> None:
+    The manifest's rows per shard map an index to a shard; the shard's footer (read once) to a
+    row group. Only the row groups asked for are read, and at most `cached_groups` of them are
+    kept: memory is bounded by the cache, not by the corpus.
+    """
+
+    def __init__(
+        self,
+        fs: pafs.FileSystem,
+        path: str,
+        validation_fraction: float,
+        cached_groups: int = 32,
+    ) -> None:
+        self.fs, self.path, self.cached_groups = fs, path, cached_groups
         with fs.open_input_stream(f"{path}/manifest.json") as stream:
             self.manifest = json.loads(stream.read())
-        tables = []
-        for shard in self.manifest["shards"]:
-            with fs.open_input_file(f"{path}/{shard['file']}") as f:
-                tables.append(pq.read_table(f))
-        self.table = pa.concat_tables(tables).combine_chunks()
-        n = self.table.num_rows
+        self.files = [f"{path}/{shard['file']}" for shard in self.manifest["shards"]]
+        self.starts = np.cumsum([0] + [shard["rows"] for shard in self.manifest["shards"]])
+        self.groups: dict[int, np.ndarray] = {}  # shard → first row of each row group (+ end)
+        self.cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
+        n = int(self.starts[-1])
         ids = np.arange(n)
         if validation_fraction > 0 and n >= 2:
             stride = max(2, round(1 / validation_fraction))
@@ -49,8 +63,44 @@ class RowStore:
         if not len(self.train_ids):
             raise ValueError(f"{path} has no training rows")
 
+    def _row_groups(self, shard: int) -> np.ndarray:
+        if shard not in self.groups:
+            with self.fs.open_input_file(self.files[shard]) as f:
+                meta = pq.ParquetFile(f).metadata
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            self.groups[shard] = np.cumsum([0, *sizes])
+        return self.groups[shard]
+
+    def _group(self, shard: int, group: int) -> pa.Table:
+        key = (shard, group)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        with self.fs.open_input_file(self.files[shard]) as f:
+            table = pq.ParquetFile(f).read_row_group(group)
+        self.cache[key] = table
+        if len(self.cache) > self.cached_groups:
+            self.cache.popitem(last=False)
+        return table
+
     def rows(self, ids: np.ndarray) -> dict[str, list]:
-        return self.table.take(pa.array(ids, type=pa.int64())).to_pydict()
+        """The rows `ids` (global indices), in that order."""
+        where: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (shard, group) → (pos, row)
+        for pos, i in enumerate(np.asarray(ids)):
+            if not 0 <= i < self.starts[-1]:
+                raise IndexError(f"row {i} is outside {self.path} ({self.starts[-1]} rows)")
+            shard = int(np.searchsorted(self.starts, i, side="right")) - 1
+            local = int(i - self.starts[shard])
+            bounds = self._row_groups(shard)
+            group = int(np.searchsorted(bounds, local, side="right")) - 1
+            where.setdefault((shard, group), []).append((pos, local - int(bounds[group])))
+        parts, order = [], []
+        for (shard, group), picks in where.items():
+            table = self._group(shard, group)
+            parts.append(table.take(pa.array([row for _, row in picks], type=pa.int64())))
+            order.extend(pos for pos, _ in picks)
+        table = pa.concat_tables(parts)
+        return table.take(pa.array(np.argsort(order), type=pa.int64())).to_pydict()
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - one store per worker, lives as long
     def _permutation(self, seed: int, epoch: int) -> np.ndarray:
