@@ -30,7 +30,7 @@ class Strict(BaseModel):
 class TinyModelConfig(Strict):
     """Architecture of the embedded tiny model (built from scratch, no download)."""
 
-    family: Literal["llama", "qwen2", "qwen3"] = "qwen3"
+    family: Literal["llama", "qwen2", "qwen3", "llada2_moe"] = "qwen3"
     hidden_size: PositiveInt = 128
     num_layers: PositiveInt = 4
     num_heads: PositiveInt = 4
@@ -38,6 +38,14 @@ class TinyModelConfig(Strict):
     intermediate_size: PositiveInt = 384
     max_position_embeddings: PositiveInt = 4096
     rope_theta: PositiveFloat = 10000.0
+    # llada2_moe only: LLaDA2.0's sparse layers (the first `dense_layers` stay dense).
+    num_experts: PositiveInt = 8
+    experts_per_token: PositiveInt = 2
+    expert_groups: PositiveInt = 4
+    groups_per_token: PositiveInt = 2
+    expert_intermediate_size: PositiveInt = 64
+    shared_experts: Annotated[int, Field(ge=0)] = 1
+    dense_layers: Annotated[int, Field(ge=0)] = 1
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModelConfig:
@@ -45,6 +53,13 @@ class TinyModelConfig(Strict):
             raise ValueError(
                 "num_heads must divide hidden_size and num_kv_heads must divide num_heads"
             )
+        if self.num_experts % self.expert_groups or self.groups_per_token > self.expert_groups:
+            raise ValueError(
+                "expert_groups must divide num_experts and groups_per_token be at most "
+                "expert_groups"
+            )
+        if self.experts_per_token > self.groups_per_token * self.num_experts // self.expert_groups:
+            raise ValueError("experts_per_token exceeds the experts of groups_per_token groups")
         return self
 
 

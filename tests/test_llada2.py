@@ -13,13 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from llada_ray.config import ScalingConfig
 from llada_ray.decoding import BlockDecoder, Sampling
-from llada_ray.diffusion.masks import position_ids_for
-from llada_ray.model import DiffusionLM, load_model, train_tokenizer
+from llada_ray.diffusion.masks import causal_layout, position_ids_for
+from llada_ray.model import DiffusionLM, ensure_mask_token, load_model, train_tokenizer
 from llada_ray.model.adapter import block_diffusion_inputs, causal_inputs
 from llada_ray.model.llada2 import LLaDA2MoeConfig, LLaDA2MoeForCausalLM
+from llada_ray.train.engine import load_hf_weights, place
 
 VOCAB = 320  # more rows than tokens, as the released checkpoints (157184 rows)
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, EXPERTS = 64, 4, 2, 16, 8
@@ -323,3 +325,30 @@ def test_block_decoding_with_cache_gives_the_tokens_of_no_cache(loaded, threshol
     plain = BlockDecoder(dlm, eos, 4, use_cache=False).generate(prompts, sampling)
     assert [g.tokens for g in cached] == [g.tokens for g in plain]
     assert sum(len(g.tokens) for g in cached) > 4
+
+
+def test_meta_build_loaded_shard_wise_equals_from_pretrained(checkpoint) -> None:
+    """Training builds the model on `meta`, allocates it (sharded under FSDP) and reads each
+    weight slice from the safetensors: the result is HF's from_pretrained model, buffers (the
+    rotary frequencies, rebuilt from the config) and logits included."""
+    directory, _ = checkpoint
+    model, tokenizer = load_model(directory)  # not the shared fixture: other tests change it
+    with torch.device("meta"):
+        config = AutoConfig.from_pretrained(directory)
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # as training does
+    ensure_mask_token(hf, tokenizer, "<|mask|>")
+    dlm = DiffusionLM(hf)
+    place(dlm, ScalingConfig(num_workers=1), torch.float32, torch.device("cpu"))
+    load_hf_weights(dlm, directory)
+    want = dict(model.named_buffers()) | model.state_dict()
+    got = dict(hf.named_buffers()) | hf.state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name].float(), rtol=0, atol=0, msg=name)
+    ids = torch.randint(0, VOCAB, (1, 24))
+    position = torch.arange(24)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            DiffusionLM(model).eval()(ids, causal_layout(torch.zeros_like(ids)), position),
+            dlm.eval()(ids, causal_layout(torch.zeros_like(ids)), position),
+        )

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
@@ -296,15 +297,25 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         _, weights, chosen = self.gate(x)
+        # Group the (token, slot) pairs by expert: one sort, one gather, each expert one matmul
+        # over its contiguous rows, one weighted scatter back (no per-token work in Python).
+        k = chosen.shape[1]
+        order = chosen.flatten().argsort(stable=True)
+        token = order // k
+        counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
+        grouped = x[token].split(counts)
+        # Every expert runs, even on no tokens, in training and in any process group: under
+        # ZeRO-3 every rank must call the same modules (validation too), and DDP wants a
+        # gradient for every parameter. Decoding alone skips the idle ones.
+        every = self.training or (dist.is_available() and dist.is_initialized())
+        outs = [
+            expert(rows)
+            for expert, rows in zip(self.experts, grouped, strict=True)
+            if every or rows.shape[0]
+        ]
+        scale = weights.flatten()[order, None]
         routed = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)
-            # Training runs every expert, even on no tokens: under ZeRO-3 / FSDP every rank
-            # must call the same modules, and DDP wants a gradient for every parameter.
-            if token.numel() == 0 and not self.training:
-                continue
-            out = expert(x[token]).float() * weights[token, slot, None]
-            routed.index_add_(0, token, out)
+        routed.index_add_(0, token, torch.cat(outs).float() * scale)
         out = routed.to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

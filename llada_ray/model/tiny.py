@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from llada_ray.config import TinyModelConfig
+from llada_ray.model.llada2 import LLaDA2MoeConfig, LLaDA2MoeForCausalLM
 
 EOS, PAD, MASK = "<|endoftext|>", "<|pad|>", "<|mask|>"
 ROLES = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -67,7 +68,35 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 def build_tiny_model(
     cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int = 0
 ) -> PreTrainedModel:
-    """A randomly initialised Llama or Qwen3 model sized by `cfg`, vocabulary from the tokenizer."""
+    """A randomly initialised Llama, Qwen or LLaDA2-MoE model sized by `cfg`, vocabulary from
+    the tokenizer."""
+    if cfg.family == "llada2_moe":
+        config = LLaDA2MoeConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            max_position_embeddings=cfg.max_position_embeddings,
+            rope_theta=cfg.rope_theta,
+            num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.experts_per_token,
+            n_group=cfg.expert_groups,
+            topk_group=cfg.groups_per_token,
+            moe_intermediate_size=cfg.expert_intermediate_size,
+            num_shared_experts=cfg.shared_experts,
+            first_k_dense_replace=cfg.dense_layers,
+            embedding_dropout=0.0,
+            attention_dropout=0.0,
+            output_dropout=0.0,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            mask_token_id=tokenizer.mask_token_id,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return LLaDA2MoeForCausalLM(config)
     config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[cfg.family]
     config = config_cls(
         vocab_size=len(tokenizer),

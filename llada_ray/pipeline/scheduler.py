@@ -1,7 +1,8 @@
 """The scheduler: runs a pipeline's stage graph in order, skipping what is committed.
 
-Each stage runs as its Ray Train run (`llada_ray.train.run.run_unit`), which starts from the
-previous stage's output and resumes its own checkpoints after any crash; this process only
+Each stage runs as its Ray Train run (`llada_ray.train.run.run_unit`), the CPT phases as one run
+with one worker group (`run_units`); a run starts from the previous stage's output and resumes its
+own checkpoints after any crash. This process only
 orchestrates (it is the job's driver and holds no worker CPUs). A stage is committed by its
 manifest (inputs, output, a summary of its metrics, config hash, code version). A committed stage
 whose settings changed is refused, naming it, unless the run is forced from it or earlier.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import pyarrow.fs as pafs
 
@@ -21,7 +23,14 @@ from llada_ray.data.pack import pack_all
 from llada_ray.pipeline import lineage, manifests
 from llada_ray.pipeline.graph import Stage, find_stage, stage_graph
 from llada_ray.progress import pipeline_line
-from llada_ray.train.run import merge_path, pipeline_root, run_path, run_unit
+from llada_ray.train.run import (
+    RunOutcome,
+    merge_path,
+    pipeline_root,
+    run_path,
+    run_unit,
+    run_units,
+)
 
 
 class ChangedStageError(ValueError):
@@ -63,6 +72,14 @@ def forget_from(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, name: s
         for path in _outputs_of(run_root, stage):
             if fs.get_file_info(path).type != pafs.FileType.NotFound:
                 fs.delete_dir(path)
+        if stage.unit is not None and stage.unit.cpt:
+            # The phases' Ray Train run lists checkpoints just deleted: its state goes too (a
+            # new run of the group starts its own; the kept phases' checkpoints stay).
+            group = f"{run_root}/train/{stage.unit.trainer}"
+            selector = pafs.FileSelector(group, allow_not_found=True)
+            for info in fs.get_file_info(selector):
+                if info.type == pafs.FileType.File:
+                    fs.delete_file(info.path)
 
 
 def _outputs_of(run_root: str, stage: Stage) -> list[str]:
@@ -94,6 +111,7 @@ def run_pipeline(
     ran, skipped = [], []
     outputs: dict[str, str | None] = {}
     previous: str | None = None  # the output the next stage starts from
+    trained: dict[str, RunOutcome] = {}  # CPT phases trained as one group, by name
     model: str | None = None  # the newest model: what export publishes
     try:
         for stage in graph:
@@ -104,8 +122,17 @@ def run_pipeline(
             else:
                 say(f"{stage.name:<16} running")
                 t0, began = time.perf_counter(), manifests.now()
-                output, summary = _run_stage(cfg, stage, parent, model, say)
-                seconds = time.perf_counter() - t0
+                if stage.unit is not None and stage.unit.cpt and stage.name not in trained:
+                    # The CPT phases left to train, in one worker group (one Ray Train run).
+                    group = [s.unit for s in graph if s.unit and s.unit.cpt
+                             and s.name not in committed]  # fmt: skip
+                    trained = {o.unit: o for o in run_units(cfg, group, parent)}
+                output, summary = _run_stage(cfg, stage, parent, model, say, trained)
+                seconds, ended = time.perf_counter() - t0, manifests.now()
+                if stage.name in trained:  # trained inside the group: its own span
+                    outcome = trained[stage.name]
+                    began, seconds = _iso(outcome.started), outcome.seconds
+                    ended = _iso(outcome.started + outcome.seconds)
                 manifests.write(
                     fs,
                     run_root,
@@ -118,7 +145,7 @@ def run_pipeline(
                         "output": output,
                         "summary": summary,
                         "started": began,
-                        "finished": manifests.now(),
+                        "finished": ended,
                         "seconds": round(seconds, 3),
                         "mlflow_parent_run_id": parent,
                     },
@@ -134,6 +161,10 @@ def run_pipeline(
         raise
     tracking.finish_run(cfg, parent, None)
     return PipelineOutcome(ran, skipped, previous)  # export is the last stage
+
+
+def _iso(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds")
 
 
 def _input(stage: Stage, previous: str | None, outputs: dict[str, str | None]) -> str | None:
@@ -154,6 +185,7 @@ def _run_stage(
     parent: str,
     model: str | None,
     say: Callable[[str], None],
+    trained: dict[str, RunOutcome],
 ) -> tuple[str | None, dict]:
     """(output path, metrics summary) of one stage."""
     fs, run_root = pipeline_root(cfg)
@@ -170,7 +202,7 @@ def _run_stage(
         export = lineage.export(cfg, fs, run_root, model)
         return export, lineage.finish(cfg, fs, run_root, export, parent, say)
     assert stage.unit is not None
-    outcome = run_unit(cfg, stage.unit, parent)
+    outcome = trained.get(stage.name) or run_unit(cfg, stage.unit, parent)
     m = outcome.manifest
     summary = {k: m.get(k) for k in ("step", "samples", "tokens", "val_loss", "resumed_from")}
     return outcome.output, summary

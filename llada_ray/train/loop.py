@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import resource
 import shutil
 import tempfile
 import time
@@ -24,19 +25,31 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from llada_ray.config import CptStage, PipelineConfig, TrainingStage
 from llada_ray.data.corpus import load_tokenizer
 from llada_ray.diffusion.noise import embedding_noise_std
-from llada_ray.model import DiffusionLM, build_tiny_model, embedding_rms, load_model
+from llada_ray.model import (
+    DiffusionLM,
+    build_tiny_model,
+    embedding_rms,
+    ensure_mask_token,
+    load_model,
+)
 from llada_ray.progress import RunProgress
 from llada_ray.storage import storage_root
 from llada_ray.train import checkpoint
 from llada_ray.train.batches import RowStore, micro_batch_index
 from llada_ray.train.engine import Engine, build_engine, load_hf_weights, load_model_shards, place
 from llada_ray.train.objectives import Objective, objective_for
-from llada_ray.train.plan import Unit, find_unit, learning_rate, total_steps
+from llada_ray.train.plan import Unit, find_unit, learning_rate, total_steps, units
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +69,14 @@ def _all_mean(values: dict[str, float], device: torch.device) -> dict[str, float
     return dict(zip(keys, (t / dist.get_world_size()).tolist(), strict=True))
 
 
+def _peak_rss_mb(device: torch.device) -> float:
+    """The largest peak resident memory of any rank's process so far, in MiB."""
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return float(peak)
+
+
 @dataclass
 class Position:
     """Where a run stands; stored in every checkpoint manifest."""
@@ -66,6 +87,7 @@ class Position:
     embed_noise_std: float = 0.0
     checkpoint_seconds: float = 0.0
     resumed_from: int | None = None  # the checkpoint step this attempt started from
+    started: float = 0.0  # when the run began (its first attempt), unix time
 
 
 class MetricLog:
@@ -74,12 +96,12 @@ class MetricLog:
     A tracking server that is down costs a warning, not the run.
     """
 
-    def __init__(self, tracking: dict | None, rank: int) -> None:
+    def __init__(self, uri: str | None, run_id: str | None, rank: int) -> None:
         self.client, self.run_id = None, None
-        if tracking and rank == 0:
+        if uri and run_id and rank == 0:
             from mlflow.tracking import MlflowClient
 
-            self.client, self.run_id = MlflowClient(tracking["uri"]), tracking["run_id"]
+            self.client, self.run_id = MlflowClient(uri), run_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.client is None:
@@ -113,9 +135,20 @@ def _restore(fs: pafs.FileSystem, run_path: str) -> tuple[str, dict] | None:
     return chosen[0]
 
 
+def _build(cfg: PipelineConfig, config: PretrainedConfig, meta: bool) -> PreTrainedModel:
+    """A model of `config` on `meta` (no memory) or with random weights: the caller loads the
+    real ones."""
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return AutoModelForCausalLM.from_config(
+            config,
+            dtype=torch.float32,
+            attn_implementation="sdpa",
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+
+
 def _from_config(cfg: PipelineConfig, fs: pafs.FileSystem, path: str, meta: bool) -> DiffusionLM:
-    """The architecture of a stored checkpoint (its config.json alone), on `meta` or with
-    random weights: the caller loads the real ones."""
+    """The architecture of a stored checkpoint, from its config.json alone."""
     fetched = checkpoint.fetch(fs, path, select=lambda rel: rel == "config.json")
     if fetched is None:
         raise RuntimeError(f"checkpoint {path} has no readable config.json")
@@ -125,14 +158,17 @@ def _from_config(cfg: PipelineConfig, fs: pafs.FileSystem, path: str, meta: bool
         )
     finally:
         fetched.cleanup()
-    with torch.device("meta") if meta else contextlib.nullcontext():
-        hf = AutoModelForCausalLM.from_config(
-            config,
-            dtype=torch.float32,
-            attn_implementation="sdpa",
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
-    return DiffusionLM(hf, cfg.model.attention, cfg.model.attention_tile)
+    return DiffusionLM(_build(cfg, config, meta), cfg.model.attention, cfg.model.attention_tile)
+
+
+def _source_dir(cfg: PipelineConfig) -> Path:
+    """`model.source` as a local directory (a hub id is downloaded once per node, cached)."""
+    local = Path(cfg.model.source).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(cfg.model.source, allow_patterns=["*.json", "*.safetensors"]))
 
 
 def _from_weights(
@@ -186,8 +222,18 @@ def _start(
     scaling = cfg.scaling
     meta = scaling.strategy != "deepspeed"
     start = restored or init
-    if start is None:
-        dlm = _from_weights(cfg, cfg.model.source, tokenizer)
+    source = None  # model.source's weights, when they load shard-wise
+    if start is None and cfg.model.source == "tiny":
+        dlm = _from_weights(cfg, "tiny", tokenizer)
+    elif start is None:
+        source = _source_dir(cfg)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+        if meta and config.vocab_size >= len(tokenizer):  # the mask token has its row already
+            hf = _build(cfg, config, meta=True)
+            ensure_mask_token(hf, tokenizer, cfg.model.mask_token)
+            dlm = DiffusionLM(hf, cfg.model.attention, cfg.model.attention_tile)
+        else:  # a row to add for the mask token (or DeepSpeed): the whole model, here
+            dlm, source = _from_weights(cfg, source, tokenizer), None
     elif meta or restored or unit.carries_optimizer:
         dlm = _from_config(cfg, fs, start[0], meta)
     else:
@@ -203,6 +249,8 @@ def _start(
         engine.load_state(fs, *start, optimizer=True)
     elif init and meta:
         _load_weights(engine.model, fs, *init)
+    elif source is not None:
+        load_hf_weights(engine.model, source)
 
     reference = None
     if unit.objective == "dpo":
@@ -215,27 +263,67 @@ def _start(
     return engine, reference
 
 
+@dataclass
+class Worker:
+    """What every run of a worker group shares: config, storage, data, place in the group."""
+
+    cfg: PipelineConfig
+    payload: dict
+    fs: pafs.FileSystem
+    tokenizer: PreTrainedTokenizerBase
+    store: RowStore
+    rank: int
+    world: int
+    device: torch.device
+
+
 def train_loop(payload: dict) -> None:
+    """The runs `payload["units"]` in order, in this one worker group: one training run, or the
+    CPT phases, which hand their engine (weights and optimizer) on in memory. A run that
+    already finished is skipped; one that has checkpoints resumes from its newest."""
     cfg = PipelineConfig.model_validate(payload["config"])
-    unit = find_unit(cfg, payload["unit"])
-    stage = unit.training
-    assert stage is not None and unit.lr is not None
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()  # the CPU here; this worker's GPU with use_gpu
     fs, _ = storage_root(cfg.storage)
     torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(fs, payload["tokenizer"])
+    w = Worker(
+        cfg,
+        payload,
+        fs,
+        load_tokenizer(fs, payload["tokenizer"]),
+        RowStore(fs, payload["data"], cfg.data.validation_fraction),
+        ctx.get_world_rank(),
+        ctx.get_world_size(),
+        ray.train.torch.get_device(),  # the CPU here; this worker's GPU with use_gpu
+    )
+    init = None
+    if payload.get("init"):
+        init = (payload["init"], _committed(fs, payload["init"], "the checkpoint to start from"))
+    engine: Engine | None = None
+    for name in payload["units"]:
+        unit = find_unit(cfg, name)
+        restored = _restore(fs, f"{payload['train_root']}/{unit.run_dir}")
+        if restored and restored[1].get("final"):  # done: the next phase starts from it
+            engine, init = None, restored
+            continue
+        reference = None
+        if engine is None or restored:
+            engine, reference = _start(cfg, unit, fs, restored, init, w.tokenizer, w.device)
+        _train(w, unit, engine, reference, restored)
 
+
+def _train(
+    w: Worker,
+    unit: Unit,
+    engine: Engine,
+    reference: DiffusionLM | None,
+    restored: tuple[str, dict] | None,
+) -> None:
+    """One run from its restored position (or its start) to its final checkpoint."""
+    cfg, stage, rank, world, device = w.cfg, unit.training, w.rank, w.world, w.device
+    assert stage is not None
     # Masked-embedding noise: the first steps of the first CPT phase only (report §7.1).
     noise = stage.embed_noise if isinstance(stage, CptStage) and unit.first_of_stage else None
     noise_steps = noise.steps if noise else 0
-    restored = _restore(fs, payload["run_path"])
-    init_path = payload.get("init")
-    init = None
-    if init_path:
-        init = (init_path, _committed(fs, init_path, "the checkpoint to start from"))
-    engine, reference = _start(cfg, unit, fs, restored, init, tokenizer, device)
     if restored:
         m = restored[1]
         pos = Position(
@@ -245,26 +333,29 @@ def train_loop(payload: dict) -> None:
             m["embed_noise_std"],
             m["checkpoint_seconds"],
             resumed_from=m["step"],
+            started=m["started"],
         )
     else:
         base = 0.0
         if noise and noise.steps:  # σ from the starting weights, kept in the manifest
             base = embedding_rms(engine.dlm.hf) if noise.std == "embedding_rms" else noise.std
-        pos = Position(embed_noise_std=base)
+        pos = Position(embed_noise_std=base, started=time.time())
 
-    store = RowStore(fs, payload["data"], cfg.data.validation_fraction)
+    store = w.store
     steps = total_steps(unit, cfg, len(store.train_ids), world)
     objective = objective_for(
         unit,
         cfg,
         engine.dlm.mask_token_id,
-        tokenizer.pad_token_id,
-        tokenizer.eos_token_id,
+        w.tokenizer.pad_token_id,
+        w.tokenizer.eos_token_id,
         reference=reference,
         embed_noise=lambda s: embedding_noise_std(s, noise_steps, pos.embed_noise_std),
         device=device,
     )
-    metrics_log = MetricLog(payload.get("tracking"), rank)
+    tracking = w.payload.get("tracking")
+    tracking = tracking or {"uri": None, "runs": {}}
+    metrics_log = MetricLog(tracking["uri"], tracking["runs"].get(unit.name), rank)
     # What a resume must match (checked by the driver before it submits, run.check_resumable).
     identity = {
         "world_size": world,
@@ -272,8 +363,11 @@ def train_loop(payload: dict) -> None:
         "format": "deepspeed" if cfg.scaling.strategy == "deepspeed" else "dcp",
         "global_batch": stage.micro_batch_size * stage.grad_accumulation * world,
         "seq_len": cfg.data.seq_len,
-        "data": payload["data_fingerprint"],
+        "data": w.payload["data_fingerprint"],
     }
+    # Retention (Ray Train keeps the best scores + the latest): every run's final checkpoint
+    # first, then a later phase's checkpoints before an earlier one's, each by validation loss.
+    phase = [u.name for u in units(cfg) if u.trainer == unit.trainer].index(unit.name)
     run_seed = _seed(cfg.seed, unit.name)
 
     def validate() -> dict[str, float]:
@@ -285,7 +379,8 @@ def train_loop(payload: dict) -> None:
     if progress and restored:
         # Checkpoints the driver did not see at launch were written by this run's earlier
         # attempt: a worker was lost and Ray Train restarted the group.
-        progress.resumed(pos.step, lost_worker=pos.step > payload.get("launched_at_step", 0))
+        launched = w.payload["launched_at_step"].get(unit.name, 0)
+        progress.resumed(pos.step, lost_worker=pos.step > launched)
 
     while pos.step < steps:
         started = time.perf_counter()
@@ -333,8 +428,13 @@ def train_loop(payload: dict) -> None:
         if progress:
             progress.update(pos.step, figures["loss"], figures["tokens_per_s"])
         if at_checkpoint:
-            _save(engine, tokenizer, pos, figures, unit, cfg, steps, identity, rank, world)
-            metrics_log.log({"checkpoint_seconds": pos.checkpoint_seconds}, pos.step)
+            score = 1e12 + phase if pos.step == steps else phase * 1e6 - figures["val_loss"]
+            _save(engine, w.tokenizer, pos, figures, unit, cfg, steps, identity, score, rank, world)
+            memory = {
+                "checkpoint_seconds": pos.checkpoint_seconds,
+                "peak_rss_mb": _peak_rss_mb(device),
+            }
+            metrics_log.log(memory, pos.step)
 
 
 def _validate(
@@ -381,6 +481,7 @@ def _save(
     cfg: PipelineConfig,
     steps: int,
     identity: dict,
+    keep: float,
     rank: int,
     world: int,
 ) -> None:
@@ -424,6 +525,7 @@ def _save(
                 **identity,
                 "embed_noise_std": pos.embed_noise_std,
                 "resumed_from": pos.resumed_from,
+                "started": pos.started,
                 "checkpoint_seconds": pos.checkpoint_seconds + (time.perf_counter() - started),
                 "created": time.time(),
             },
@@ -431,9 +533,10 @@ def _save(
     if not mine:  # nothing of this rank's to upload
         shutil.rmtree(local)
     ray.train.report(
-        {"step": pos.step, "val_loss": val_loss, "tokens": pos.tokens},
+        {"step": pos.step, "val_loss": val_loss, "tokens": pos.tokens, "keep": keep},
         checkpoint=ray.train.Checkpoint.from_directory(str(local)) if mine else None,
-        checkpoint_dir_name=checkpoint.checkpoint_name(pos.step),
+        checkpoint_dir_name=(f"{unit.name}/" if unit.cpt else "")  # as unit.run_dir
+        + checkpoint.checkpoint_name(pos.step),
         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
     )
     pos.checkpoint_seconds += time.perf_counter() - started

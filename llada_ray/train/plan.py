@@ -1,7 +1,9 @@
 """A pipeline config as the ordered list of runs it trains: one per stage, one per CPT phase.
 
-Each `Unit` is one Ray Train run (or, for merge, one file operation) and starts from the output of
-the unit before it. Pure Python: the CLI and the jobs plan without importing torch or Ray.
+Each `Unit` is one training run (or, for merge, one file operation) and starts from the output of
+the unit before it. A run is a Ray Train run of its own, but the CPT phases, which share one
+worker group: block size and learning rate switch in the loop and the optimizer carries on.
+Pure Python: the CLI and the jobs plan without importing torch or Ray.
 """
 
 from __future__ import annotations
@@ -51,9 +53,24 @@ class Unit:
         return self.stage if isinstance(self.stage, TrainingStage) else None
 
     @property
+    def cpt(self) -> bool:
+        """A CPT phase: the phases of the stage train in one worker group, one after another."""
+        return self.objective in ("bd", "stable")
+
+    @property
+    def trainer(self) -> str:
+        """The Ray Train run it trains in: `cpt` for every CPT phase, else its own."""
+        return "cpt" if self.cpt else self.name
+
+    @property
+    def run_dir(self) -> str:
+        """Its checkpoints' directory under `<pipeline>/train/`."""
+        return f"cpt/{self.name}" if self.cpt else self.name
+
+    @property
     def carries_optimizer(self) -> bool:
         """CPT phases continue the previous phase's optimizer; every other run starts afresh."""
-        return self.objective in ("bd", "stable") and not self.first_of_stage
+        return self.cpt and not self.first_of_stage
 
 
 def units(cfg: PipelineConfig) -> list[Unit]:

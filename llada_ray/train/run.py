@@ -44,6 +44,7 @@ class RunOutcome:
     manifest: dict
     trained: bool  # False when it was already done
     seconds: float
+    started: float = 0.0  # unix time it began (a later CPT phase: inside the group's run)
 
 
 def pipeline_root(cfg: PipelineConfig) -> tuple[pafs.FileSystem, str]:
@@ -52,7 +53,7 @@ def pipeline_root(cfg: PipelineConfig) -> tuple[pafs.FileSystem, str]:
 
 
 def run_path(run_root: str, unit: Unit) -> str:
-    return f"{run_root}/train/{unit.name}"
+    return f"{run_root}/train/{unit.run_dir}"
 
 
 def merge_path(run_root: str) -> str:
@@ -89,24 +90,102 @@ def _input_of(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, unit: Uni
 
 def run_unit(cfg: PipelineConfig, unit: Unit, parent_run_id: str | None = None) -> RunOutcome:
     """Run one unit of the plan to completion (resuming it if it was interrupted)."""
-    started = time.perf_counter()
+    return run_units(cfg, [unit], parent_run_id)[0]
+
+
+def run_units(
+    cfg: PipelineConfig, group: list[Unit], parent_run_id: str | None = None
+) -> list[RunOutcome]:
+    """Run units of the plan to completion, in order: one unit, or consecutive CPT phases,
+    which train in one Ray Train run (one worker group). Finished units are skipped and an
+    interrupted one resumes; each unit keeps its MLflow run and its committed checkpoints."""
+    started = time.time()
     fs, run_root = pipeline_root(cfg)
-    done = finished(fs, run_root, unit)
-    if done is not None:
-        return RunOutcome(unit.name, *done, False, 0.0)
-    init = _input_of(cfg, fs, run_root, unit)
-    if unit.objective == "merge":
+    if len(group) > 1 and not all(u.cpt for u in group):
+        raise ValueError(f"only CPT phases train as one group, not {[u.name for u in group]}")
+    outcomes = []
+    for unit in group:
+        if (done := finished(fs, run_root, unit)) is None:
+            break
+        outcomes.append(RunOutcome(unit.name, *done, False, 0.0))
+    todo = group[len(outcomes) :]
+    if not todo:
+        return outcomes
+    first = todo[0]
+    init = _input_of(cfg, fs, run_root, first)
+    if first.objective == "merge":
         mlflow_run = tracking.start_run(
-            cfg, unit.name, {"stage": unit.stage.model_dump(mode="json")}, parent_run_id
+            cfg, first.name, {"stage": first.stage.model_dump(mode="json")}, parent_run_id
         )
         manifest = merge_top_k(cfg, fs, run_root)
         tracking.finish_run(cfg, mlflow_run, manifest)
-        seconds = time.perf_counter() - started
-        return RunOutcome(unit.name, merge_path(run_root), manifest, True, seconds)
+        seconds = time.time() - started
+        return [RunOutcome(first.name, merge_path(run_root), manifest, True, seconds, started)]
 
     packed = pack_all(cfg, fs, run_root)
-    written = check_resumable(cfg, fs, run_root, unit, packed[unit.data].digest)
-    params = {
+    data = packed[first.data]
+    written = {u.name: check_resumable(cfg, fs, run_root, u, data.digest) for u in todo}
+    runs = {u.name: tracking.start_run(cfg, u.name, _params(cfg, u, init), parent_run_id)
+            for u in todo}  # fmt: skip
+    payload = {
+        "config": cfg.model_dump(mode="json"),
+        "units": [u.name for u in todo],
+        "train_root": f"{run_root}/train",
+        "init": init,
+        "tokenizer": f"{run_root}/tokenizer",
+        "data": data.path,
+        "data_fingerprint": data.digest,
+        "tracking": {"uri": tracking.resolve_uri(cfg.tracking.uri), "runs": runs},
+        "launched_at_step": {
+            name: max((m.get("step", 0) for _, m in ms), default=0) for name, ms in written.items()
+        },
+    }
+    stage = first.training
+    assert stage is not None
+    scaling = cfg.scaling
+    # Ray Train keeps the checkpoints with the best `keep` score (see loop._train): every
+    # run's final one, and the top-k of the newest phase by validation loss.
+    phases = sum(u.trainer == first.trainer for u in units(cfg))
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=first.trainer,
+            storage_path=f"{run_root}/train",
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=stage.keep_top_k + phases,
+                checkpoint_score_attribute="keep",
+                checkpoint_score_order="max",
+            ),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+        ),
+    )
+    try:
+        trainer.fit()  # raises TrainingFailedError once max_failures restarts are used up
+    except Exception:
+        for unit in todo:
+            done = finished(fs, run_root, unit)
+            tracking.finish_run(cfg, runs[unit.name], done and done[1], failed=done is None)
+        raise
+    for unit in todo:
+        done = finished(fs, run_root, unit)
+        if done is None:
+            tracking.finish_run(cfg, runs[unit.name], None, failed=True)
+            raise RuntimeError(f"run {unit.name!r} ended without a committed final checkpoint")
+        tracking.finish_run(cfg, runs[unit.name], done[1])
+        began = started if unit is first else done[1]["started"]
+        outcomes.append(RunOutcome(unit.name, *done, True, done[1]["created"] - began, began))
+    return outcomes
+
+
+def _params(cfg: PipelineConfig, unit: Unit, init: str | None) -> dict:
+    return {
         "run": {
             "name": unit.name,
             "objective": unit.objective,
@@ -121,52 +200,6 @@ def run_unit(cfg: PipelineConfig, unit: Unit, parent_run_id: str | None = None) 
         "seq_len": cfg.data.seq_len,
         "seed": cfg.seed,
     }
-    mlflow_run = tracking.start_run(cfg, unit.name, params, parent_run_id)
-    payload = {
-        "config": cfg.model_dump(mode="json"),
-        "unit": unit.name,
-        "run_path": run_path(run_root, unit),
-        "init": init,
-        "tokenizer": f"{run_root}/tokenizer",
-        "data": packed[unit.data].path,
-        "data_fingerprint": packed[unit.data].digest,
-        "tracking": {"uri": tracking.resolve_uri(cfg.tracking.uri), "run_id": mlflow_run},
-        "launched_at_step": max((m.get("step", 0) for _, m in written), default=0),
-    }
-    stage = unit.training
-    assert stage is not None
-    scaling = cfg.scaling
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=payload,
-        scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers,
-            use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=unit.name,
-            storage_path=f"{run_root}/train",
-            storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=stage.keep_top_k,
-                checkpoint_score_attribute="val_loss",
-                checkpoint_score_order="min",
-            ),
-            failure_config=FailureConfig(max_failures=scaling.max_failures),
-        ),
-    )
-    try:
-        trainer.fit()  # raises TrainingFailedError once max_failures restarts are used up
-    except Exception:
-        tracking.finish_run(cfg, mlflow_run, None, failed=True)
-        raise
-    done = finished(fs, run_root, unit)
-    if done is None:
-        tracking.finish_run(cfg, mlflow_run, None, failed=True)
-        raise RuntimeError(f"run {unit.name!r} ended without a committed final checkpoint")
-    tracking.finish_run(cfg, mlflow_run, done[1])
-    return RunOutcome(unit.name, *done, True, time.perf_counter() - started)
 
 
 def check_resumable(
@@ -275,7 +308,9 @@ def main(kind: str, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"jobs/{kind}.py", description=main.__doc__)
     parser.add_argument("--config", required=True, help="pipeline YAML")
     if kind == "cpt":
-        parser.add_argument("--phase", help="one CPT phase by name (default: every phase)")
+        parser.add_argument(
+            "--phase", help="one CPT phase, or a range FIRST:LAST, by name (default: all)"
+        )
     parser.add_argument("--parent-run-id", help="MLflow run to nest this stage's runs under")
     args = parser.parse_args(argv)
     try:  # a bad config fails here, before anything reaches the cluster
@@ -285,19 +320,26 @@ def main(kind: str, argv: list[str] | None = None) -> int:
         return 2
     selected = [u for u in units(cfg) if u.stage.stage == kind]
     if kind == "cpt" and args.phase:
-        selected = [u for u in selected if u.name == f"cpt-{args.phase}"]
+        first, _, last = args.phase.partition(":")
+        names = [u.name for u in selected]
+        ends = [f"cpt-{first}", f"cpt-{last or first}"]
+        if not set(ends) <= set(names):
+            phases = [n.removeprefix("cpt-") for n in names]
+            print(f"{args.config}: the pipeline has no phase {args.phase!r} of stage cpt "
+                  f"(its phases: {phases})", file=sys.stderr)  # fmt: skip
+            return 2
+        selected = selected[names.index(ends[0]) : names.index(ends[1]) + 1]
     if not selected:
-        what = f"phase {args.phase!r} of stage cpt" if getattr(args, "phase", None) else kind
-        print(f"{args.config}: the pipeline has no {what}", file=sys.stderr)
+        print(f"{args.config}: the pipeline has no {kind} stage", file=sys.stderr)
         return 2
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS / the job's cluster, else a local one
-    for unit in selected:
-        try:
-            outcome = run_unit(cfg, unit, args.parent_run_id)
-        except (RuntimeError, TrainingFailedError) as err:
-            print(f"{unit.name}: {err}", file=sys.stderr)
-            return 1
+    try:  # the CPT phases in one worker group; any other stage is one run
+        outcomes = run_units(cfg, selected, args.parent_run_id)
+    except (RuntimeError, TrainingFailedError) as err:
+        print(f"{kind}: {err}", file=sys.stderr)
+        return 1
+    for unit, outcome in zip(selected, outcomes, strict=True):
         state = "trained" if outcome.trained else "already done"
         m = outcome.manifest
         loss = (
