@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from llada_ray.config import TinyModelConfig
 from llada_ray.model import DiffusionLM, build_tiny_model, load_model
+from llada_ray.model.io import save_weights
 from llada_ray.model.merge import HFWeights, merge_checkpoints
 from llada_ray.train import checkpoint, shards
 
@@ -84,3 +85,24 @@ def test_merge_reads_dcp_shards_of_a_training_checkpoint(tmp_path: Path, tiny_to
     assert mean.keys() == weights(a).keys()
     for name in mean:
         torch.testing.assert_close(mean[name], (wa[name] + wb[name]) / 2)
+
+
+@pytest.mark.parametrize("shard_bytes", [1 << 30, 40_000])
+def test_weights_written_a_shard_at_a_time_load_back(
+    tmp_path: Path, tiny_tokenizer, shard_bytes: int
+) -> None:
+    """A run's HF export streams tensors into safetensors shards (one file when it fits): HF
+    loads it back to the same model."""
+    model = build_tiny_model(SMALL, tiny_tokenizer, seed=3)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    save_weights(iter(state.items()), tmp_path, shard_bytes)
+    model.config.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    if shard_bytes > 1 << 20:
+        assert files == ["model.safetensors"]
+    else:
+        assert len(files) > 2 and (tmp_path / "model.safetensors.index.json").exists()
+    loaded, _ = load_model(tmp_path)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)

@@ -169,8 +169,9 @@ def test_torn_checkpoint_on_s3_is_skipped_and_the_run_redone_from_the_one_before
     [
         {"strategy": "deepspeed", "zero_stage": 2},
         {"strategy": "fsdp"},
+        {"strategy": "fsdp", "fsdp_mixed_precision": True},
     ],
-    ids=["deepspeed-zero2", "fsdp"],
+    ids=["deepspeed-zero2", "fsdp", "fsdp-bf16"],
 )
 def test_sharded_strategy_trains_checkpoints_and_resumes(
     ray_cluster, mlflow_tracking, tmp_path, scaling
@@ -179,6 +180,8 @@ def test_sharded_strategy_trains_checkpoints_and_resumes(
     stages[0] |= {"tokens": 12_000}
     cfg = small_config("sharded", str(tmp_path), mlflow_tracking.uri, stages=stages,
                        scaling={"num_workers": 2, **scaling})  # fmt: skip
+    if scaling.get("fsdp_mixed_precision"):  # bf16 weights in compute, fp32 master weights
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "bfloat16"})})
     unit = find_unit(cfg, "ar_pretrain")
     first = run_unit(cfg, unit)
     assert first.manifest["strategy"] == scaling["strategy"]

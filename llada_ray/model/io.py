@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -61,3 +64,38 @@ def load_tokenizer(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def save_weights(
+    tensors: Iterable[tuple[str, torch.Tensor]], directory: Path, shard_bytes: int = 2 << 30
+) -> None:
+    """Weights in HF layout, written as they come: `model.safetensors`, or shards of about
+    `shard_bytes` with their index. Memory holds one shard, never the whole model."""
+    written: list[Path] = []
+    weight_map: dict[str, int] = {}
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > shard_bytes:
+            written.append(_write_part(shard, directory, len(written)))
+            shard, size = {}, 0
+        shard[name] = tensor.contiguous()
+        weight_map[name] = len(written)
+        size, total = size + nbytes, total + nbytes
+    written.append(_write_part(shard, directory, len(written)))
+    if len(written) == 1:
+        written[0].rename(directory / "model.safetensors")
+        return
+    names = [f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
+    for path, name in zip(written, names, strict=True):
+        path.rename(directory / name)
+    index = {"metadata": {"total_size": total},
+             "weight_map": {k: names[i] for k, i in weight_map.items()}}  # fmt: skip
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_part(tensors: dict[str, torch.Tensor], directory: Path, number: int) -> Path:
+    path = directory / f"part-{number:05d}.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+    return path

@@ -14,19 +14,19 @@ A model may arrive on the `meta` device (built from its config alone): ddp / fsd
 first and allocate only this rank's part (`to_empty`), and the weights are loaded shard-wise,
 from a DCP checkpoint or from HF safetensors. Trainer state is saved with DCP (train.shards),
 each rank its own shard, and loads under any world size; DeepSpeed keeps its native per-rank
-ZeRO files. Full HF weights are gathered only for a run's final export.
+ZeRO files. Full HF weights are gathered only for a run's final export, a tensor at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -202,22 +202,24 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full weights in HF names on rank 0 (a collective when sharded); None elsewhere."""
-        if not _distributed():
-            return _hf_names(self.dlm.state_dict())
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(self.model, options=options)
-        if dist.get_rank() != 0:
-            return None
-        # Gathered, a tied weight comes back as two tensors: keep it once, as HF saves it.
+    def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Whole weights in HF names, one tensor at a time, each tied weight once: gathered
+        tensor by tensor (a collective under FSDP: every rank iterates), so rank 0's host holds
+        one tensor, never the model. Only rank 0 gets them."""
+        state = get_model_state_dict(self.model)  # this rank's shards: nothing gathered yet
         seen: set[int] = set()
         aliases = set()
         for name, param in self.dlm.hf.named_parameters(remove_duplicate=False):
             if id(param) in seen:
                 aliases.add(name)
             seen.add(id(param))
-        return {k: v for k, v in _hf_names(state).items() if k not in aliases}
+        rank0 = not _distributed() or dist.get_rank() == 0
+        for name, tensor in _hf_names(state).items():
+            if name in aliases:
+                continue
+            whole = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+            if rank0:
+                yield name, whole.detach().cpu()
 
     def save_state(self, directory: Path) -> None:
         """Collective: this rank's shards of the weights and the optimizer."""
@@ -308,12 +310,15 @@ class DeepSpeedEngine:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
+    def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Whole weights in HF names on rank 0 (ZeRO-3 consolidates them there: a collective,
+        in 16-bit)."""
         if self.zero_stage == 3:
             state = self.engine._zero3_consolidated_16bit_state_dict()  # collective
         else:
             state = self.engine.module.state_dict()
-        return _hf_names(state) if dist.get_rank() == 0 else None
+        if dist.get_rank() == 0:
+            yield from _hf_names(state).items()
 
     def save_state(self, directory: Path) -> None:
         # Every rank writes its own ZeRO shard; file names carry the rank, so Ray Train merges

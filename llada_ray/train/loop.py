@@ -43,6 +43,7 @@ from llada_ray.model import (
     ensure_mask_token,
     load_model,
 )
+from llada_ray.model.io import save_weights
 from llada_ray.progress import RunProgress
 from llada_ray.storage import storage_root
 from llada_ray.train import checkpoint
@@ -492,13 +493,18 @@ def _save(
     started = time.perf_counter()
     local = Path(tempfile.mkdtemp(prefix="llada-save-"))  # Ray deletes it after the upload
     final = pos.step == steps
-    state = engine.hf_state_dict() if final else None  # a collective: every rank calls it
-    if rank == 0:
-        if final:
-            engine.dlm.hf.save_pretrained(local, state_dict=state, safe_serialization=True)
+    if final:  # every rank iterates (the tensors are gathered one by one); rank 0 writes
+        tensors = engine.hf_tensors()
+        if rank == 0:
+            save_weights(tensors, local)
             tokenizer.save_pretrained(local)
+            if engine.dlm.hf.can_generate():
+                engine.dlm.hf.generation_config.save_pretrained(local)
         else:
-            engine.dlm.hf.config.save_pretrained(local)
+            for _ in tensors:
+                pass
+    if rank == 0:
+        engine.dlm.hf.config.save_pretrained(local)
     engine.save_state(local)
     mine = checkpoint.describe_files(local)
     files = mine
