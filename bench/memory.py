@@ -85,7 +85,7 @@ def plan(config: object, world: int) -> dict:
         "dpo_reference_gb": 4 * local / GB,
         "checkpoint_per_rank_gb": shard_bytes / GB,
         "final_checkpoint_rank0_gb": (shard_bytes + export) / GB,
-        "host_rank0_at_export_gb": ((2 << 30) + 4 * largest) / GB,
+        "host_rank0_at_export_gb": min(export, (2 << 30) + 4 * largest) / GB,
         "resume_download_per_rank_gb": shard_bytes / GB,
     }
 

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from llada_ray.config import ConfigError, PipelineConfig, load_config
 from llada_ray.diffusion.schedule import plan_phases
 from llada_ray.generate.config import load_generate_config
+from llada_ray.train.plan import phase_range
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -113,6 +114,16 @@ def test_jobs_refuse_a_bad_config_or_phase_before_submitting(tmp_path: Path, cap
     good = Path(__file__).parent.parent / "configs" / "tiny.yaml"
     assert main("cpt", ["--config", str(good), "--phase", "nope"]) == 2
     assert "no phase 'nope' of stage cpt" in capsys.readouterr().err
+    assert main("cpt", ["--config", str(good), "--phase", "warmup-b4:nope"]) == 2
+    assert "no phase 'warmup-b4:nope' of stage cpt (its phases: ['warmup-b1'" in (
+        capsys.readouterr().err
+    )
+    assert main("cpt", ["--config", str(good), "--phase", "stable:warmup-b4"]) == 2
+    assert "phase range 'stable:warmup-b4' runs backwards" in capsys.readouterr().err
+    cfg = load_config(good)
+    assert [u.name for u in phase_range(cfg, "warmup-b4:stable")] == [
+        "cpt-warmup-b4", "cpt-warmup-b32", "cpt-warmup-b64", "cpt-stable"]  # fmt: skip
+    assert [u.name for u in phase_range(cfg, "stable")] == ["cpt-stable"]
 
 
 def test_serve_config_validates_and_serve_refuses_bad_settings(tmp_path: Path, capsys) -> None:

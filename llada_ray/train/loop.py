@@ -1,14 +1,14 @@
 """The one training loop every Ray Train worker runs, for every stage (see train.plan).
 
-A step is a pure function of (weights, optimizer state, seed, run, step, rank): the samples come
-from their global index (train.batches) and every random draw from a generator seeded by
-(seed, step, rank, micro-batch). So a run restarted from its checkpoint at step s continues
-exactly as if it had never stopped.
+A step is a pure function of (weights, optimizer state, seed, run, step): the samples come from
+their global index (train.batches) and every random draw from a generator seeded by the
+micro-batch's first sample. So a run restarted from its checkpoint at step s continues exactly as
+if it had never stopped, and, to float rounding, also under another number of workers that keeps
+the global batch. A worker group trains one run, or the CPT phases one after another.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
@@ -26,10 +26,6 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    PretrainedConfig,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
@@ -38,19 +34,17 @@ from llada_ray.data.corpus import load_tokenizer
 from llada_ray.diffusion.noise import embedding_noise_std
 from llada_ray.model import (
     DiffusionLM,
-    build_tiny_model,
     embedding_rms,
-    ensure_mask_token,
-    load_model,
 )
 from llada_ray.model.io import save_weights
 from llada_ray.progress import RunProgress
 from llada_ray.storage import storage_root
 from llada_ray.train import checkpoint
 from llada_ray.train.batches import RowStore, micro_batch_index
-from llada_ray.train.engine import Engine, build_engine, load_hf_weights, load_model_shards, place
+from llada_ray.train.engine import Engine
 from llada_ray.train.objectives import Objective, objective_for
 from llada_ray.train.plan import Unit, find_unit, learning_rate, total_steps, units
+from llada_ray.train.start import require_committed, restore, start
 
 log = logging.getLogger(__name__)
 
@@ -118,152 +112,6 @@ class MetricLog:
             log.warning("MLflow logging failed at step %d: %s", step, err)
 
 
-def _committed(fs: pafs.FileSystem, path: str, what: str) -> dict:
-    manifest = checkpoint.committed(fs, path)
-    if manifest is None:
-        raise RuntimeError(f"{what} {path} is not a committed checkpoint (a file is missing)")
-    return manifest
-
-
-def _restore(fs: pafs.FileSystem, run_path: str) -> tuple[str, dict] | None:
-    """Rank 0 picks the newest committed checkpoint (manifests and file sizes only); every rank
-    then loads its part of that one."""
-    chosen = [None]
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        chosen = [checkpoint.latest(fs, run_path)]
-    if dist.is_initialized():
-        dist.broadcast_object_list(chosen, src=0)
-    return chosen[0]
-
-
-def _build(cfg: PipelineConfig, config: PretrainedConfig, meta: bool) -> PreTrainedModel:
-    """A model of `config` on `meta` (no memory) or with random weights: the caller loads the
-    real ones."""
-    with torch.device("meta") if meta else contextlib.nullcontext():
-        return AutoModelForCausalLM.from_config(
-            config,
-            dtype=torch.float32,
-            attn_implementation="sdpa",
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
-
-
-def _from_config(cfg: PipelineConfig, fs: pafs.FileSystem, path: str, meta: bool) -> DiffusionLM:
-    """The architecture of a stored checkpoint, from its config.json alone."""
-    fetched = checkpoint.fetch(fs, path, select=lambda rel: rel == "config.json")
-    if fetched is None:
-        raise RuntimeError(f"checkpoint {path} has no readable config.json")
-    try:
-        config = AutoConfig.from_pretrained(
-            fetched.local, trust_remote_code=cfg.model.trust_remote_code
-        )
-    finally:
-        fetched.cleanup()
-    return DiffusionLM(_build(cfg, config, meta), cfg.model.attention, cfg.model.attention_tile)
-
-
-def _source_dir(cfg: PipelineConfig) -> Path:
-    """`model.source` as a local directory (a hub id is downloaded once per node, cached)."""
-    local = Path(cfg.model.source).expanduser()
-    if local.is_dir():
-        return local
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(cfg.model.source, allow_patterns=["*.json", "*.safetensors"]))
-
-
-def _from_weights(
-    cfg: PipelineConfig, source: str | Path, tokenizer: PreTrainedTokenizerBase
-) -> DiffusionLM:
-    """A whole model with its weights in this process: the tiny model from its seed, or an HF
-    model (the first run from `model.source`, which may still need its mask token row)."""
-    if source == "tiny":
-        hf = build_tiny_model(cfg.model.tiny, tokenizer, seed=cfg.seed)
-    else:
-        hf, _ = load_model(
-            source,
-            mask_token=cfg.model.mask_token,
-            trust_remote_code=cfg.model.trust_remote_code,
-            dtype="float32",
-        )
-    return DiffusionLM(hf, cfg.model.attention, cfg.model.attention_tile)
-
-
-def _load_weights(model: torch.nn.Module, fs: pafs.FileSystem, path: str, manifest: dict) -> None:
-    """A checkpoint's weights into a placed (sharded, materialised) model: its DCP shards when
-    it has them (a training run's output), else its HF safetensors (the merged model)."""
-    if any(rel.startswith(f"{checkpoint.DCP_MODEL}/") for rel in manifest["files"]):
-        load_model_shards(model, fs, path, manifest)
-        return
-    fetched = checkpoint.fetch(fs, path)
-    if fetched is None:
-        raise RuntimeError(f"checkpoint {path} does not verify")
-    try:
-        load_hf_weights(model, fetched.local)
-    finally:
-        fetched.cleanup()
-
-
-def _start(
-    cfg: PipelineConfig,
-    unit: Unit,
-    fs: pafs.FileSystem,
-    restored: tuple[str, dict] | None,
-    init: tuple[str, dict] | None,
-    tokenizer: PreTrainedTokenizerBase,
-    device: torch.device,
-) -> tuple[Engine, DiffusionLM | None]:
-    """The engine, its weights and optimizer in place, and DPO's frozen reference.
-
-    ddp / fsdp build every model on `meta` from its config, shard it, allocate only this rank's
-    part and load that part; DeepSpeed takes a whole model (its ZeRO-3 partitions on init).
-    """
-    stage = unit.training
-    assert stage is not None and unit.lr is not None
-    scaling = cfg.scaling
-    meta = scaling.strategy != "deepspeed"
-    start = restored or init
-    source = None  # model.source's weights, when they load shard-wise
-    if start is None and cfg.model.source == "tiny":
-        dlm = _from_weights(cfg, "tiny", tokenizer)
-    elif start is None:
-        source = _source_dir(cfg)
-        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
-        if meta and config.vocab_size >= len(tokenizer):  # the mask token has its row already
-            hf = _build(cfg, config, meta=True)
-            ensure_mask_token(hf, tokenizer, cfg.model.mask_token)
-            dlm = DiffusionLM(hf, cfg.model.attention, cfg.model.attention_tile)
-        else:  # a row to add for the mask token (or DeepSpeed): the whole model, here
-            dlm, source = _from_weights(cfg, source, tokenizer), None
-    elif meta or restored or unit.carries_optimizer:
-        dlm = _from_config(cfg, fs, start[0], meta)
-    else:
-        fetched = checkpoint.fetch(fs, init[0])
-        if fetched is None:
-            raise RuntimeError(f"the checkpoint to start from, {init[0]}, does not verify")
-        try:
-            dlm = _from_weights(cfg, fetched.local, tokenizer)
-        finally:
-            fetched.cleanup()
-    engine = build_engine(dlm, scaling, stage, unit.lr, cfg.model.dtype, device)
-    if restored or (init and unit.carries_optimizer):
-        engine.load_state(fs, *start, optimizer=True)
-    elif init and meta:
-        _load_weights(engine.model, fs, *init)
-    elif source is not None:
-        load_hf_weights(engine.model, source)
-
-    reference = None
-    if unit.objective == "dpo":
-        assert init is not None, "dpo always follows a training run"
-        reference = _from_config(cfg, fs, init[0], meta)
-        reference.requires_grad_(False)
-        place(reference, scaling, getattr(torch, cfg.model.dtype), device)  # sharded as the policy
-        _load_weights(reference, fs, *init)
-        reference.eval()
-    return engine, reference
-
-
 @dataclass
 class Worker:
     """What every run of a worker group shares: config, storage, data, place in the group."""
@@ -298,17 +146,20 @@ def train_loop(payload: dict) -> None:
     )
     init = None
     if payload.get("init"):
-        init = (payload["init"], _committed(fs, payload["init"], "the checkpoint to start from"))
+        init = (
+            payload["init"],
+            require_committed(fs, payload["init"], "the checkpoint to start from"),
+        )
     engine: Engine | None = None
     for name in payload["units"]:
         unit = find_unit(cfg, name)
-        restored = _restore(fs, f"{payload['train_root']}/{unit.run_dir}")
+        restored = restore(fs, f"{payload['train_root']}/{unit.run_dir}")
         if restored and restored[1].get("final"):  # done: the next phase starts from it
             engine, init = None, restored
             continue
         reference = None
         if engine is None or restored:
-            engine, reference = _start(cfg, unit, fs, restored, init, w.tokenizer, w.device)
+            engine, reference = start(cfg, unit, fs, restored, init, w.tokenizer, w.device)
         _train(w, unit, engine, reference, restored)
 
 

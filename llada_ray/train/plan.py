@@ -156,6 +156,19 @@ def find_unit(cfg: PipelineConfig, name: str) -> Unit:
     raise ValueError(f"no run named {name!r} in pipeline {cfg.name!r}: {[u.name for u in plan]}")
 
 
+def phase_range(cfg: PipelineConfig, spec: str) -> list[Unit]:
+    """The CPT phases `FIRST:LAST` (inclusive, plan order), or the one phase `NAME`."""
+    phases = [u for u in units(cfg) if u.cpt]
+    names = [u.name.removeprefix("cpt-") for u in phases]
+    first, _, last = spec.partition(":")
+    last = last or first
+    if first not in names or last not in names:
+        raise ValueError(f"the pipeline has no phase {spec!r} of stage cpt (its phases: {names})")
+    if names.index(first) > names.index(last):
+        raise ValueError(f"phase range {spec!r} runs backwards (the phases: {names})")
+    return phases[names.index(first) : names.index(last) + 1]
+
+
 def input_unit(cfg: PipelineConfig, unit: Unit) -> Unit | None:
     """The run whose output `unit` starts from (None: it starts from model.source)."""
     return None if unit.starts_from is None else find_unit(cfg, unit.starts_from)

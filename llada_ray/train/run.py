@@ -34,7 +34,7 @@ from llada_ray.model.merge import HFWeights, merge_checkpoints
 from llada_ray.storage import storage_root
 from llada_ray.train import checkpoint, shards
 from llada_ray.train.loop import train_loop
-from llada_ray.train.plan import Unit, input_unit, units
+from llada_ray.train.plan import Unit, input_unit, phase_range, units
 
 
 @dataclass(frozen=True)
@@ -320,15 +320,11 @@ def main(kind: str, argv: list[str] | None = None) -> int:
         return 2
     selected = [u for u in units(cfg) if u.stage.stage == kind]
     if kind == "cpt" and args.phase:
-        first, _, last = args.phase.partition(":")
-        names = [u.name for u in selected]
-        ends = [f"cpt-{first}", f"cpt-{last or first}"]
-        if not set(ends) <= set(names):
-            phases = [n.removeprefix("cpt-") for n in names]
-            print(f"{args.config}: the pipeline has no phase {args.phase!r} of stage cpt "
-                  f"(its phases: {phases})", file=sys.stderr)  # fmt: skip
+        try:
+            selected = phase_range(cfg, args.phase)
+        except ValueError as err:
+            print(f"{args.config}: {err}", file=sys.stderr)
             return 2
-        selected = selected[names.index(ends[0]) : names.index(ends[1]) + 1]
     if not selected:
         print(f"{args.config}: the pipeline has no {kind} stage", file=sys.stderr)
         return 2
