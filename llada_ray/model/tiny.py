@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from llada_ray.config import TinyModelConfig
-from llada_ray.model.llada2 import LLaDA2MoeConfig, LLaDA2MoeForCausalLM
+from llada_ray.model.llada2 import LLaDA2MoeConfig
 
 EOS, PAD, MASK = "<|endoftext|>", "<|pad|>", "<|mask|>"
 ROLES = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -70,16 +70,22 @@ def build_tiny_model(
 ) -> PreTrainedModel:
     """A randomly initialised Llama, Qwen or LLaDA2-MoE model sized by `cfg`, vocabulary from
     the tokenizer."""
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "mask_token_id": tokenizer.mask_token_id,
+    }
     if cfg.family == "llada2_moe":
         config = LLaDA2MoeConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.num_kv_heads,
-            max_position_embeddings=cfg.max_position_embeddings,
-            rope_theta=cfg.rope_theta,
+            **common,
             num_experts=cfg.num_experts,
             num_experts_per_tok=cfg.experts_per_token,
             n_group=cfg.expert_groups,
@@ -90,30 +96,15 @@ def build_tiny_model(
             embedding_dropout=0.0,
             attention_dropout=0.0,
             output_dropout=0.0,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            mask_token_id=tokenizer.mask_token_id,
         )
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            return LLaDA2MoeForCausalLM(config)
-    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[cfg.family]
-    config = config_cls(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.hidden_size // cfg.num_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rope_theta=cfg.rope_theta,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        mask_token_id=tokenizer.mask_token_id,
-    )
+    else:
+        config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+        config = config_cls[cfg.family](
+            **common,
+            head_dim=cfg.hidden_size // cfg.num_heads,
+            tie_word_embeddings=True,
+            bos_token_id=None,
+        )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
