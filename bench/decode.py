@@ -38,8 +38,8 @@ from llada_ray.decoding import ARDecoder, BlockDecoder, Decoder, EngineOptions, 
 from llada_ray.evaluation import TaskEval, evaluate, task_prompts
 from llada_ray.model import DiffusionLM, load_model
 from llada_ray.pipeline.scheduler import run_pipeline
+from llada_ray.train.outputs import output_of, pipeline_root
 from llada_ray.train.plan import find_unit
-from llada_ray.train.run import output_of, pipeline_root
 
 ROOT = Path(__file__).resolve().parent.parent
 EVAL_SEED = 99  # task examples no stage trained on

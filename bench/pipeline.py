@@ -27,7 +27,7 @@ from llada_ray.config import PipelineConfig, load_config
 from llada_ray.pipeline import manifests
 from llada_ray.pipeline.graph import stage_graph
 from llada_ray.pipeline.scheduler import run_pipeline
-from llada_ray.train.run import pipeline_root
+from llada_ray.train.outputs import pipeline_root
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -44,7 +44,7 @@ SYSTEM = ("You answer verifiable tasks: add numbers, reverse, sort or upper-case
 def model_dir() -> Path:
     from llada_ray.config import load_config
     from llada_ray.pipeline import manifests
-    from llada_ray.train.run import pipeline_root
+    from llada_ray.train.outputs import pipeline_root
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml").anchored(ROOT)
     fs, run_root = pipeline_root(cfg)

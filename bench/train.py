@@ -39,8 +39,9 @@ from safetensors.torch import load_file
 
 from llada_ray.config import PipelineConfig, TrainingStage
 from llada_ray.train import checkpoint
+from llada_ray.train.outputs import output_of, pipeline_root, run_path
 from llada_ray.train.plan import find_unit, units
-from llada_ray.train.run import output_of, pipeline_root, run_path, run_unit
+from llada_ray.train.run import run_unit
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = {"ar_pretrain": "AR (causal)", "cpt-b32": "BD block 32", "cpt-stable": "stable / MDLM"}

@@ -15,8 +15,8 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from llada_ray.config import PipelineConfig
 from llada_ray.progress import parse
 from llada_ray.train import checkpoint
+from llada_ray.train.outputs import output_of, pipeline_root, run_path
 from llada_ray.train.plan import find_unit
-from llada_ray.train.run import output_of, pipeline_root, run_path
 from tests import stack
 
 pytestmark = pytest.mark.integration

@@ -253,7 +253,8 @@ def test_resume_that_would_take_other_samples_is_refused_before_submitting(tmp_p
     another world size; the refusal names the field."""
     import json
 
-    from llada_ray.train.run import check_resumable, pipeline_root, run_path
+    from llada_ray.train.outputs import pipeline_root, run_path
+    from llada_ray.train.run import check_resumable
 
     raw = load_config("configs/tiny.yaml").model_dump()
     raw["storage"] = {"root": str(tmp_path)}
@@ -261,7 +262,7 @@ def test_resume_that_would_take_other_samples_is_refused_before_submitting(tmp_p
     fs, run_root = pipeline_root(cfg)
     unit = find_unit(cfg, "ar_pretrain")
     check_resumable(cfg, fs, run_root, unit, "d1")  # nothing written yet
-    ckpt = tmp_path / cfg.name / "train" / "ar_pretrain" / "checkpoint_00000050"
+    ckpt = tmp_path / cfg.name / "train" / "pretrain" / "ar_pretrain" / "checkpoint_00000050"
     ckpt.mkdir(parents=True)
     stage = unit.training
     batch = stage.micro_batch_size * stage.grad_accumulation * cfg.scaling.num_workers
@@ -279,4 +280,4 @@ def test_resume_that_would_take_other_samples_is_refused_before_submitting(tmp_p
     (ckpt / "manifest.json").write_text(json.dumps({**written, "format": "deepspeed"}))
     with pytest.raises(RuntimeError, match="written with world_size 7 and this config has 2"):
         check_resumable(PipelineConfig.model_validate(deepspeed), fs, run_root, unit, "d1")
-    assert run_path(run_root, unit).endswith("train/ar_pretrain")
+    assert run_path(run_root, unit).endswith("train/pretrain/ar_pretrain")

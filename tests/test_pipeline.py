@@ -25,8 +25,9 @@ from llada_ray.pipeline.graph import stage_graph
 from llada_ray.pipeline.scheduler import ChangedStageError, main, run_pipeline
 from llada_ray.pipeline.status import stage_table
 from llada_ray.train import checkpoint
+from llada_ray.train.outputs import finished, output_of, pipeline_root, run_path
 from llada_ray.train.plan import find_unit, units
-from llada_ray.train.run import output_of, pipeline_root, run_path, run_unit
+from llada_ray.train.run import run_unit
 from tests import stack
 from tests.test_train import _assert_same_weights, _final_weights, small_config
 
@@ -127,6 +128,8 @@ def test_every_stage_trained_and_its_validation_loss_fell(reference, s3, mlflow_
     fs, run_root = pipeline_root(cfg)
     kept = checkpoint.read_manifests(fs, run_path(run_root, find_unit(cfg, "cpt-b16")))
     assert 2 <= len(kept) <= 3
+    # Retention across a worker group's runs never takes a run's final checkpoint.
+    assert all(finished(fs, run_root, u) for u in units(cfg) if u.training), "a final is gone"
     assert any(k.endswith("/model.safetensors") for k in s3.keys("pipeline/"))
     merged = output_of(fs, run_root, find_unit(cfg, "merge"))
     assert merged is not None

@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 
 from llada_ray.config import PipelineConfig
 from llada_ray.train import checkpoint
+from llada_ray.train.outputs import output_of, pipeline_root, run_path
 from llada_ray.train.plan import find_unit
-from llada_ray.train.run import output_of, pipeline_root, run_path, run_unit
+from llada_ray.train.run import run_unit
 
 pytestmark = pytest.mark.integration
 

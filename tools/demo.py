@@ -33,7 +33,7 @@ from llada_ray.data import tasks
 from llada_ray.pipeline import manifests
 from llada_ray.pipeline.lineage import uri_of
 from llada_ray.progress import parse
-from llada_ray.train.run import pipeline_root
+from llada_ray.train.outputs import pipeline_root
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

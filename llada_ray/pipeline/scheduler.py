@@ -1,11 +1,11 @@
 """The scheduler: runs a pipeline's stage graph in order, skipping what is committed.
 
-Each stage runs as its Ray Train run (`llada_ray.train.run.run_unit`), the CPT phases as one run
-with one worker group (`run_units`); a run starts from the previous stage's output and resumes its
-own checkpoints after any crash. This process only
-orchestrates (it is the job's driver and holds no worker CPUs). A stage is committed by its
-manifest (inputs, output, a summary of its metrics, config hash, code version). A committed stage
-whose settings changed is refused, naming it, unless the run is forced from it or earlier.
+Training stages run in two worker groups, one Ray Train run each (`train.run.run_units`): the
+runs up to the merge, and those after it. A run starts from the previous stage's output and
+resumes its own checkpoints after any crash. This process only orchestrates (it is the job's
+driver and holds no worker CPUs). A stage is committed by its manifest (inputs, output, a summary
+of its metrics, config hash, code version). A committed stage whose settings changed is refused,
+naming it, unless the run is forced from it or earlier.
 """
 
 from __future__ import annotations
@@ -23,14 +23,9 @@ from llada_ray.data.pack import pack_all
 from llada_ray.pipeline import lineage, manifests
 from llada_ray.pipeline.graph import Stage, find_stage, stage_graph
 from llada_ray.progress import pipeline_line
-from llada_ray.train.run import (
-    RunOutcome,
-    merge_path,
-    pipeline_root,
-    run_path,
-    run_unit,
-    run_units,
-)
+from llada_ray.train.outputs import merge_path, pipeline_root, run_path
+from llada_ray.train.plan import Unit
+from llada_ray.train.run import RunOutcome, run_unit, run_units
 
 
 class ChangedStageError(ValueError):
@@ -72,9 +67,9 @@ def forget_from(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, name: s
         for path in _outputs_of(run_root, stage):
             if fs.get_file_info(path).type != pafs.FileType.NotFound:
                 fs.delete_dir(path)
-        if stage.unit is not None and stage.unit.cpt:
-            # The phases' Ray Train run lists checkpoints just deleted: its state goes too (a
-            # new run of the group starts its own; the kept phases' checkpoints stay).
+        if stage.kind == "train":
+            # The group's Ray Train run lists checkpoints just deleted: its state goes too (a
+            # new run of the group starts its own; the kept runs' checkpoints stay).
             group = f"{run_root}/train/{stage.unit.trainer}"
             selector = pafs.FileSelector(group, allow_not_found=True)
             for info in fs.get_file_info(selector):
@@ -111,7 +106,7 @@ def run_pipeline(
     ran, skipped = [], []
     outputs: dict[str, str | None] = {}
     previous: str | None = None  # the output the next stage starts from
-    trained: dict[str, RunOutcome] = {}  # CPT phases trained as one group, by name
+    trained: dict[str, RunOutcome] = {}  # the runs of the last worker group, by name
     model: str | None = None  # the newest model: what export publishes
     try:
         for stage in graph:
@@ -122,10 +117,10 @@ def run_pipeline(
             else:
                 say(f"{stage.name:<16} running")
                 t0, began = time.perf_counter(), manifests.now()
-                if stage.unit is not None and stage.unit.cpt and stage.name not in trained:
-                    # The CPT phases left to train, in one worker group (one Ray Train run).
-                    group = [s.unit for s in graph if s.unit and s.unit.cpt
-                             and s.name not in committed]  # fmt: skip
+                if stage.kind == "train" and stage.name not in trained:
+                    # This run and the uncommitted ones after it of its worker group (one Ray
+                    # Train run): the runs up to the merge, or those after it.
+                    group = _group(graph, stage, committed)
                     trained = {o.unit: o for o in run_units(cfg, group, parent)}
                 output, summary = _run_stage(cfg, stage, parent, model, say, trained)
                 seconds, ended = time.perf_counter() - t0, manifests.now()
@@ -161,6 +156,19 @@ def run_pipeline(
         raise
     tracking.finish_run(cfg, parent, None)
     return PipelineOutcome(ran, skipped, previous)  # export is the last stage
+
+
+def _group(graph: list[Stage], first: Stage, committed: dict[str, dict]) -> list[Unit]:
+    """`first` and the uncommitted training stages right after it of its worker group."""
+    assert first.unit is not None
+    out = []
+    for stage in graph[graph.index(first) :]:
+        if stage.kind != "train" or stage.name in committed or stage.unit is None:
+            break
+        if stage.unit.trainer != first.unit.trainer:
+            break
+        out.append(stage.unit)
+    return out
 
 
 def _iso(unix: float) -> str:

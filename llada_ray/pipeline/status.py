@@ -7,7 +7,7 @@ from llada_ray.pipeline import manifests
 from llada_ray.pipeline.graph import stage_graph
 from llada_ray.pipeline.lineage import uri_of
 from llada_ray.train import checkpoint
-from llada_ray.train.run import pipeline_root, run_path
+from llada_ray.train.outputs import pipeline_root, run_path
 
 
 def stage_table(cfg: PipelineConfig) -> list[dict]:

@@ -55,6 +55,18 @@ def _hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix(HF_PREFIX): v for k, v in state.items()}
 
 
+def _tied_aliases(hf: torch.nn.Module) -> set[str]:
+    """Names of parameters that repeat an earlier one (a head tied to the embeddings): HF
+    stores a tied weight once."""
+    seen: set[int] = set()
+    aliases = set()
+    for name, param in hf.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        seen.add(id(param))
+    return aliases
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -207,12 +219,7 @@ class TorchEngine:
         tensor by tensor (a collective under FSDP: every rank iterates), so rank 0's host holds
         one tensor, never the model. Only rank 0 gets them."""
         state = get_model_state_dict(self.model)  # this rank's shards: nothing gathered yet
-        seen: set[int] = set()
-        aliases = set()
-        for name, param in self.dlm.hf.named_parameters(remove_duplicate=False):
-            if id(param) in seen:
-                aliases.add(name)
-            seen.add(id(param))
+        aliases = _tied_aliases(self.dlm.hf)
         rank0 = not _distributed() or dist.get_rank() == 0
         for name, tensor in _hf_names(state).items():
             if name in aliases:
@@ -318,7 +325,8 @@ class DeepSpeedEngine:
         else:
             state = self.engine.module.state_dict()
         if dist.get_rank() == 0:
-            yield from _hf_names(state).items()
+            aliases = _tied_aliases(self.dlm.hf)
+            yield from ((k, v) for k, v in _hf_names(state).items() if k not in aliases)
 
     def save_state(self, directory: Path) -> None:
         # Every rank writes its own ZeRO shard; file names carry the rank, so Ray Train merges

@@ -16,7 +16,7 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +43,9 @@ from llada_ray.train import checkpoint
 from llada_ray.train.batches import RowStore, micro_batch_index
 from llada_ray.train.engine import Engine
 from llada_ray.train.objectives import Objective, objective_for
+from llada_ray.train.outputs import input_of, run_path
 from llada_ray.train.plan import Unit, find_unit, learning_rate, total_steps, units
-from llada_ray.train.start import require_committed, restore, start
+from llada_ray.train.start import restore, start
 
 log = logging.getLogger(__name__)
 
@@ -114,22 +115,30 @@ class MetricLog:
 
 @dataclass
 class Worker:
-    """What every run of a worker group shares: config, storage, data, place in the group."""
+    """What every run of a worker group shares: config, storage, place in the group."""
 
     cfg: PipelineConfig
     payload: dict
     fs: pafs.FileSystem
     tokenizer: PreTrainedTokenizerBase
-    store: RowStore
     rank: int
     world: int
     device: torch.device
+    stores: dict[str, RowStore] = field(default_factory=dict)
+
+    def store(self, unit: Unit) -> RowStore:
+        """The rows `unit` reads (opened once per group: only manifests and footers)."""
+        path = self.payload["data"][unit.name]["path"]
+        if path not in self.stores:
+            self.stores[path] = RowStore(self.fs, path, self.cfg.data.validation_fraction)
+        return self.stores[path]
 
 
 def train_loop(payload: dict) -> None:
-    """The runs `payload["units"]` in order, in this one worker group: one training run, or the
-    CPT phases, which hand their engine (weights and optimizer) on in memory. A run that
-    already finished is skipped; one that has checkpoints resumes from its newest."""
+    """The runs `payload["units"]` in order, in this one worker group. A run that already
+    finished is skipped; one with checkpoints resumes from its newest; a CPT phase takes the
+    engine (weights and optimizer) of the phase before it in memory, any other run starts from
+    its input's committed output."""
     cfg = PipelineConfig.model_validate(payload["config"])
     ctx = ray.train.get_context()
     fs, _ = storage_root(cfg.storage)
@@ -139,26 +148,22 @@ def train_loop(payload: dict) -> None:
         payload,
         fs,
         load_tokenizer(fs, payload["tokenizer"]),
-        RowStore(fs, payload["data"], cfg.data.validation_fraction),
         ctx.get_world_rank(),
         ctx.get_world_size(),
         ray.train.torch.get_device(),  # the CPU here; this worker's GPU with use_gpu
     )
-    init = None
-    if payload.get("init"):
-        init = (
-            payload["init"],
-            require_committed(fs, payload["init"], "the checkpoint to start from"),
-        )
+    run_root = payload["run_root"]
     engine: Engine | None = None
     for name in payload["units"]:
         unit = find_unit(cfg, name)
-        restored = restore(fs, f"{payload['train_root']}/{unit.run_dir}")
-        if restored and restored[1].get("final"):  # done: the next phase starts from it
-            engine, init = None, restored
+        restored = restore(fs, run_path(run_root, unit))
+        if restored and restored[1].get("final"):
+            engine = None
             continue
         reference = None
-        if engine is None or restored:
+        if engine is None or restored or not unit.carries_optimizer:
+            engine = None  # the previous run's model goes before the next one is built
+            init = input_of(cfg, fs, run_root, unit)
             engine, reference = start(cfg, unit, fs, restored, init, w.tokenizer, w.device)
         _train(w, unit, engine, reference, restored)
 
@@ -193,7 +198,7 @@ def _train(
             base = embedding_rms(engine.dlm.hf) if noise.std == "embedding_rms" else noise.std
         pos = Position(embed_noise_std=base, started=time.time())
 
-    store = w.store
+    store = w.store(unit)
     steps = total_steps(unit, cfg, len(store.train_ids), world)
     objective = objective_for(
         unit,
@@ -215,7 +220,7 @@ def _train(
         "format": "deepspeed" if cfg.scaling.strategy == "deepspeed" else "dcp",
         "global_batch": stage.micro_batch_size * stage.grad_accumulation * world,
         "seq_len": cfg.data.seq_len,
-        "data": w.payload["data_fingerprint"],
+        "data": w.payload["data"][unit.name]["digest"],
     }
     # Retention (Ray Train keeps the best scores + the latest): every run's final checkpoint
     # first, then a later phase's checkpoints before an earlier one's, each by validation loss.
@@ -392,8 +397,12 @@ def _save(
     ray.train.report(
         {"step": pos.step, "val_loss": val_loss, "tokens": pos.tokens, "keep": keep},
         checkpoint=ray.train.Checkpoint.from_directory(str(local)) if mine else None,
-        checkpoint_dir_name=(f"{unit.name}/" if unit.cpt else "")  # as unit.run_dir
-        + checkpoint.checkpoint_name(pos.step),
-        checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+        checkpoint_dir_name=f"{unit.name}/{checkpoint.checkpoint_name(pos.step)}",  # run_dir
+        # A run's last checkpoint is in storage before the next run of the group reads it.
+        checkpoint_upload_mode=ray.train.CheckpointUploadMode.SYNC
+        if final
+        else ray.train.CheckpointUploadMode.ASYNC,
     )
+    if final and dist.is_initialized():
+        dist.barrier()  # every rank's part uploaded
     pos.checkpoint_seconds += time.perf_counter() - started

@@ -1,8 +1,9 @@
 """A pipeline config as the ordered list of runs it trains: one per stage, one per CPT phase.
 
 Each `Unit` is one training run (or, for merge, one file operation) and starts from the output of
-the unit before it. A run is a Ray Train run of its own, but the CPT phases, which share one
-worker group: block size and learning rate switch in the loop and the optimizer carries on.
+the unit before it. Consecutive runs share one worker group (one Ray Train run, `Unit.trainer`):
+those before the merge, and those after it. Between CPT phases the block size and learning rate
+switch in the loop and the optimizer carries on in memory.
 Pure Python: the CLI and the jobs plan without importing torch or Ray.
 """
 
@@ -54,18 +55,19 @@ class Unit:
 
     @property
     def cpt(self) -> bool:
-        """A CPT phase: the phases of the stage train in one worker group, one after another."""
+        """A CPT phase: it hands its weights and optimizer on to the next phase in memory."""
         return self.objective in ("bd", "stable")
 
     @property
     def trainer(self) -> str:
-        """The Ray Train run it trains in: `cpt` for every CPT phase, else its own."""
-        return "cpt" if self.cpt else self.name
+        """The worker group (one Ray Train run) it trains in, with the runs around it: the runs
+        up to the merge (AR pre-training, the CPT phases) and the runs after it."""
+        return "pretrain" if self.objective in ("ar", "bd", "stable") else "posttrain"
 
     @property
     def run_dir(self) -> str:
         """Its checkpoints' directory under `<pipeline>/train/`."""
-        return f"cpt/{self.name}" if self.cpt else self.name
+        return f"{self.trainer}/{self.name}"
 
     @property
     def carries_optimizer(self) -> bool:

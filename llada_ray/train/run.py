@@ -1,11 +1,8 @@
 """The driver side of a run: data, input checkpoint, MLflow, then a TorchTrainer (or the merge).
 
-Storage layout under `<storage.root>/<pipeline>/`:
-  tokenizer/, data/…            the run's tokenizer and packed data (#3)
-  train/<run>/checkpoint_<step> Ray Train's checkpoints of each run (top-k by val loss + latest)
-  models/merge/                 the merged CPT checkpoint
-A run starts from the output of the run before it in the plan: a training run's final
-checkpoint, or the merged model. Submitting a finished run again trains nothing.
+A group of consecutive runs trains in one TorchTrainer (see plan.Unit.trainer); storage layout in
+train.outputs. A run starts from the output of the run before it in the plan: a training run's
+final checkpoint, or the merged model. Submitting a finished run again trains nothing.
 """
 
 from __future__ import annotations
@@ -31,10 +28,10 @@ from llada_ray import tracking
 from llada_ray.config import PipelineConfig
 from llada_ray.data.pack import pack_all
 from llada_ray.model.merge import HFWeights, merge_checkpoints
-from llada_ray.storage import storage_root
 from llada_ray.train import checkpoint, shards
 from llada_ray.train.loop import train_loop
-from llada_ray.train.plan import Unit, input_unit, phase_range, units
+from llada_ray.train.outputs import finished, input_of, merge_path, pipeline_root, run_path
+from llada_ray.train.plan import Unit, phase_range, units
 
 
 @dataclass(frozen=True)
@@ -47,47 +44,6 @@ class RunOutcome:
     started: float = 0.0  # unix time it began (a later CPT phase: inside the group's run)
 
 
-def pipeline_root(cfg: PipelineConfig) -> tuple[pafs.FileSystem, str]:
-    fs, root = storage_root(cfg.storage)
-    return fs, f"{root}/{cfg.name}"
-
-
-def run_path(run_root: str, unit: Unit) -> str:
-    return f"{run_root}/train/{unit.run_dir}"
-
-
-def merge_path(run_root: str) -> str:
-    return f"{run_root}/models/merge"
-
-
-def finished(fs: pafs.FileSystem, run_root: str, unit: Unit) -> tuple[str, dict] | None:
-    """(path, manifest) of a run's committed final checkpoint, or None if it has not finished.
-    Manifests and file sizes only: nothing is downloaded."""
-    if unit.objective == "merge":
-        manifest = checkpoint.committed(fs, merge_path(run_root))
-        return (merge_path(run_root), manifest) if manifest else None
-    found = checkpoint.latest(fs, run_path(run_root, unit))
-    return found if found is not None and found[1].get("final") else None
-
-
-def output_of(fs: pafs.FileSystem, run_root: str, unit: Unit) -> checkpoint.Fetched | None:
-    """The model a finished run produced (its HF export, checked), or None."""
-    done = finished(fs, run_root, unit)
-    return checkpoint.fetch(fs, done[0]) if done else None
-
-
-def _input_of(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, unit: Unit) -> str | None:
-    before = input_unit(cfg, unit)
-    if before is None:
-        return None
-    done = finished(fs, run_root, before)
-    if done is None:
-        raise RuntimeError(
-            f"run {unit.name!r} starts from {before.name!r}, which has not finished: run it first"
-        )
-    return done[0]
-
-
 def run_unit(cfg: PipelineConfig, unit: Unit, parent_run_id: str | None = None) -> RunOutcome:
     """Run one unit of the plan to completion (resuming it if it was interrupted)."""
     return run_units(cfg, [unit], parent_run_id)[0]
@@ -96,13 +52,13 @@ def run_unit(cfg: PipelineConfig, unit: Unit, parent_run_id: str | None = None) 
 def run_units(
     cfg: PipelineConfig, group: list[Unit], parent_run_id: str | None = None
 ) -> list[RunOutcome]:
-    """Run units of the plan to completion, in order: one unit, or consecutive CPT phases,
-    which train in one Ray Train run (one worker group). Finished units are skipped and an
-    interrupted one resumes; each unit keeps its MLflow run and its committed checkpoints."""
+    """Run units of the plan to completion, in plan order, in one Ray Train run (one worker
+    group): one unit, or consecutive units of one `Unit.trainer`. Finished units are skipped
+    and an interrupted one resumes; each unit keeps its MLflow run and committed checkpoints."""
     started = time.time()
     fs, run_root = pipeline_root(cfg)
-    if len(group) > 1 and not all(u.cpt for u in group):
-        raise ValueError(f"only CPT phases train as one group, not {[u.name for u in group]}")
+    if len({u.trainer for u in group}) > 1 or (len(group) > 1 and group[0].objective == "merge"):
+        raise ValueError(f"these runs do not share a worker group: {[u.name for u in group]}")
     outcomes = []
     for unit in group:
         if (done := finished(fs, run_root, unit)) is None:
@@ -112,7 +68,8 @@ def run_units(
     if not todo:
         return outcomes
     first = todo[0]
-    init = _input_of(cfg, fs, run_root, first)
+    start = input_of(cfg, fs, run_root, first)
+    init = start[0] if start else None
     if first.objective == "merge":
         mlflow_run = tracking.start_run(
             cfg, first.name, {"stage": first.stage.model_dump(mode="json")}, parent_run_id
@@ -123,29 +80,30 @@ def run_units(
         return [RunOutcome(first.name, merge_path(run_root), manifest, True, seconds, started)]
 
     packed = pack_all(cfg, fs, run_root)
-    data = packed[first.data]
-    written = {u.name: check_resumable(cfg, fs, run_root, u, data.digest) for u in todo}
-    runs = {u.name: tracking.start_run(cfg, u.name, _params(cfg, u, init), parent_run_id)
-            for u in todo}  # fmt: skip
+    data = {u.name: packed[u.data] for u in todo}
+    written = {u.name: check_resumable(cfg, fs, run_root, u, data[u.name].digest) for u in todo}
+    runs = {
+        u.name: tracking.start_run(cfg, u.name, _params(cfg, u, init), parent_run_id) for u in todo
+    }
     payload = {
         "config": cfg.model_dump(mode="json"),
         "units": [u.name for u in todo],
-        "train_root": f"{run_root}/train",
-        "init": init,
+        "run_root": run_root,
         "tokenizer": f"{run_root}/tokenizer",
-        "data": data.path,
-        "data_fingerprint": data.digest,
+        "data": {name: {"path": d.path, "digest": d.digest} for name, d in data.items()},
         "tracking": {"uri": tracking.resolve_uri(cfg.tracking.uri), "runs": runs},
         "launched_at_step": {
             name: max((m.get("step", 0) for _, m in ms), default=0) for name, ms in written.items()
         },
     }
-    stage = first.training
-    assert stage is not None
     scaling = cfg.scaling
     # Ray Train keeps the checkpoints with the best `keep` score (see loop._train): every
-    # run's final one, and the top-k of the newest phase by validation loss.
-    phases = sum(u.trainer == first.trainer for u in units(cfg))
+    # run's final one, and the top-k of the newest run by validation loss (for the group's last
+    # run, the last CPT phase before the merge, with its own keep_top_k).
+    members = [u for u in units(cfg) if u.trainer == first.trainer]
+    last = members[-1].training
+    assert last is not None
+    keep = len(members) + last.keep_top_k
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=payload,
@@ -159,7 +117,7 @@ def run_units(
             storage_path=f"{run_root}/train",
             storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(
-                num_to_keep=stage.keep_top_k + phases,
+                num_to_keep=keep,
                 checkpoint_score_attribute="keep",
                 checkpoint_score_order="max",
             ),
@@ -185,6 +143,7 @@ def run_units(
 
 
 def _params(cfg: PipelineConfig, unit: Unit, init: str | None) -> dict:
+    """MLflow params of a run; `init` is the first run's input (a later one's is in its group)."""
     return {
         "run": {
             "name": unit.name,
@@ -192,7 +151,7 @@ def _params(cfg: PipelineConfig, unit: Unit, init: str | None) -> dict:
             "block_size": unit.block_size,
             "tokens": unit.tokens,
             "lr": unit.lr,
-            "init": init,
+            "init": init if init is not None else unit.starts_from,
         },
         "stage": unit.stage.model_dump(mode="json", exclude={"phases"}),
         "scaling": cfg.scaling.model_dump(mode="json"),

@@ -35,13 +35,6 @@ from llada_ray.train.engine import (
 from llada_ray.train.plan import Unit
 
 
-def require_committed(fs: pafs.FileSystem, path: str, what: str) -> dict:
-    manifest = checkpoint.committed(fs, path)
-    if manifest is None:
-        raise RuntimeError(f"{what} {path} is not a committed checkpoint (a file is missing)")
-    return manifest
-
-
 def restore(fs: pafs.FileSystem, run_path: str) -> tuple[str, dict] | None:
     """Rank 0 picks the newest committed checkpoint (manifests and file sizes only); every rank
     then loads its part of that one."""
