@@ -1,6 +1,7 @@
-"""Untrusted files are never unpickled: models load from safetensors only, and the one torch.load
-(our own optimizer state) is weights_only. Credentials in logs and manifests:
-tests/test_pipeline.py; the Serve API key: tests/test_serve.py."""
+"""Untrusted files are never unpickled: models load from safetensors only, any torch.load is
+weights_only, and a checkpoint's DCP metadata (a pickle) yields only DCP's own classes.
+Credentials in logs and manifests: tests/test_pipeline.py; the Serve API key:
+tests/test_serve.py."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import os
 import pickle
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
+import torch
+from torch.distributed.checkpoint import CheckpointException
 
 from llada_ray.config import TinyModelConfig
 from llada_ray.model import build_tiny_model, load_model
+from llada_ray.train import checkpoint, shards
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for d in ("llada_ray", "jobs", "tools") for p in (REPO / d).rglob("*.py"))
@@ -55,11 +60,33 @@ def _keyword(call: ast.Call, name: str) -> object:
 
 
 def test_torch_load_only_with_weights_only():
-    calls = _calls("torch.load")
-    assert calls  # the optimizer state: if it moves, this test must follow it
-    for path, call in calls:
+    for path, call in _calls("torch.load"):  # none today: trainer state loads through DCP
         assert _keyword(call, "weights_only") is True, f"{path}:{call.lineno}"
     assert not _calls("pickle.load") and not _calls("pickle.loads")
+
+
+def test_checkpoint_metadata_unpickles_only_dcp_classes(tmp_path):
+    """DCP's `.metadata` is a pickle. A checkpoint whose metadata carries code (its manifest
+    forged to match) is refused, and the code never runs; a real one still loads."""
+    ckpt = tmp_path / "checkpoint_00000005"
+    real = {"w": torch.arange(6.0).reshape(2, 3)}
+    shards.save(real, ckpt / checkpoint.DCP_MODEL)
+    fs = pafs.LocalFileSystem()
+    checkpoint.write_manifest(ckpt, checkpoint.describe_files(ckpt), {"step": 5})
+    reader = shards.ShardReader(fs, str(ckpt), checkpoint.committed(fs, str(ckpt)), "dcp/model")
+    loaded = {"w": torch.zeros(2, 3)}
+    shards.load(loaded, reader)
+    assert torch.equal(loaded["w"], real["w"])
+
+    marker = tmp_path / "pwned"
+    (ckpt / checkpoint.DCP_MODEL / ".metadata").write_bytes(pickle.dumps(_Exploit(marker)))
+    checkpoint.write_manifest(ckpt, checkpoint.describe_files(ckpt), {"step": 5})
+    reader = shards.ShardReader(fs, str(ckpt), checkpoint.committed(fs, str(ckpt)), "dcp/model")
+    with pytest.raises(pickle.UnpicklingError, match=r"may not hold posix\.system"):
+        reader.read_metadata()
+    with pytest.raises(CheckpointException):  # DCP's wrapper around the refusal above
+        shards.load(loaded, reader)
+    assert not marker.exists()
 
 
 def test_models_load_from_safetensors_only():

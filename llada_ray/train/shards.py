@@ -8,6 +8,7 @@ which slices each rank needs from whatever world size wrote them (load-time resh
 
 from __future__ import annotations
 
+import pickle
 import shutil
 import tempfile
 from concurrent.futures import Future
@@ -19,9 +20,36 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from llada_ray.train.checkpoint import get_file
+
+SAFE_CLASSES = {  # what else a DCP .metadata holds: data, not code
+    ("collections", "OrderedDict"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle: only DCP's own metadata classes and torch's dtypes,
+    layouts, memory formats and Size may come out of it, never a callable that runs code."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if module.startswith("torch.distributed.checkpoint."):
+            found = super().find_class(module, name)
+            if isinstance(found, type) and found.__module__ == module:  # its own classes only
+                return found
+        if module == "torch":
+            found = getattr(torch, name, None)
+            if found is torch.Size or isinstance(
+                found, torch.dtype | torch.layout | torch.memory_format
+            ):
+                return found
+        if (module, name) in SAFE_CLASSES:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata may not hold {module}.{name}")
 
 
 class ShardReader(FileSystemReader):
@@ -39,6 +67,16 @@ class ShardReader(FileSystemReader):
         if name not in self.fetched:
             get_file(self.store, self.stored_path, f"{self.part}/{name}", self.manifest, self.temp)
             self.fetched.add(name)
+
+    def read_metadata(self, *args: object, **kwargs: object) -> Metadata:
+        with Path(self.path, ".metadata").open("rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"{self.stored_path}: {self.part}/.metadata is not DCP's")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
     def read_data(self, plan, planner) -> Future[None]:
         for name in sorted({self.storage_data[i.storage_index].relative_path for i in plan.items}):
