@@ -108,13 +108,14 @@ def throughput(work: Path, steps: int) -> tuple[dict, dict]:
     return results, target
 
 
-def _mlflow_run(client: MlflowClient, experiment: str, name: str, newest: bool = True) -> str:
+def _mlflow_run(client: MlflowClient, experiment: str, name: str) -> str:
+    """The newest MLflow run of `name`."""
     runs = client.search_runs(
         [client.get_experiment_by_name(experiment).experiment_id],
         filter_string=f"tags.`llada_ray.run` = '{name}'",
         order_by=["attributes.start_time DESC"],
     )
-    return runs[0 if newest else -1].info.run_id
+    return runs[0].info.run_id
 
 
 def scale_config(work: Path, name: str, examples: int, scaling: dict, **stage: object):

@@ -53,10 +53,13 @@ class HFWeights:
         return set(self.map)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        out = {}
+        by_file: dict[str, list[str]] = {}
         for name in names:
-            with safe_open(self.directory / self.map[name], "pt") as f:
-                out[name] = f.get_tensor(name)
+            by_file.setdefault(self.map[name], []).append(name)
+        out = {}
+        for file, in_file in by_file.items():  # each file opened once
+            with safe_open(self.directory / file, "pt") as f:
+                out |= {name: f.get_tensor(name) for name in in_file}
         return out
 
 

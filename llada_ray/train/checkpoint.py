@@ -50,6 +50,12 @@ def model_file(rel: str) -> bool:
     return "/" not in rel
 
 
+def has_dcp_model(manifest: dict) -> bool:
+    """Whether a checkpoint holds DCP weight shards (a training run's); else its weights are
+    only an HF export (the merged model)."""
+    return any(rel.startswith(f"{DCP_MODEL}/") for rel in manifest["files"])
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:

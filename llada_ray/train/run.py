@@ -221,7 +221,7 @@ def merge_top_k(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str) -> dict
             manifest = checkpoint.committed(fs, path)
             if manifest is None:
                 continue
-            if any(rel.startswith(f"{checkpoint.DCP_MODEL}/") for rel in manifest["files"]):
+            if checkpoint.has_dcp_model(manifest):
                 reader = shards.ShardReader(fs, path, manifest, checkpoint.DCP_MODEL)
                 opened.append(reader)
                 sources.append(shards.DcpWeights(reader))

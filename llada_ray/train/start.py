@@ -102,7 +102,7 @@ def _from_weights(
 def _load_weights(model: torch.nn.Module, fs: pafs.FileSystem, path: str, manifest: dict) -> None:
     """A checkpoint's weights into a placed (sharded, materialised) model: its DCP shards when
     it has them (a training run's output), else its HF safetensors (the merged model)."""
-    if any(rel.startswith(f"{checkpoint.DCP_MODEL}/") for rel in manifest["files"]):
+    if checkpoint.has_dcp_model(manifest):
         load_model_shards(model, fs, path, manifest)
         return
     fetched = checkpoint.fetch(fs, path)
