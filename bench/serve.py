@@ -331,7 +331,7 @@ def main() -> None:
 
     from llada_ray.data import tasks
 
-    questions = [ex.prompt for ex in tasks.examples(99, 0, 64)]
+    questions = [ex.prompt for ex in tasks.examples(99, 0, 64, "heldout")]
     settings = {"model": str(model_dir()), "model_name": "tiny", "threshold": 0.9,
                 "max_batch_size": 16, "max_ongoing_requests": 64, "num_cpus": 1,
                 "torch_threads": 1, "port": PORT}  # fmt: skip

@@ -105,16 +105,23 @@ IntRange = tuple[PositiveInt, PositiveInt]  # inclusive bounds, drawn uniformly
 
 class TaskConfig(Strict):
     """Difficulty of the built-in verifiable task family: one setting for every task source and
-    for the held-out evaluation, so test examples always come from the training distribution."""
+    for the held-out evaluation, so test examples always come from the training distribution.
+    A hash of each prompt puts it in the train or the held-out split (data/tasks.py)."""
 
-    kinds: list[Literal["add", "reverse", "sort", "upper"]] = Field(
-        ["add", "reverse", "sort", "upper"], min_length=1
+    kinds: list[Literal["add", "reverse", "shift", "sort", "upper"]] = Field(
+        ["reverse", "shift", "sort", "upper"], min_length=1
     )
-    add_digits: IntRange = Field((1, 1), description="digits of each addend")
-    sort_count: IntRange = Field((3, 4), description="how many numbers to sort")
+    add_digits: IntRange = Field((2, 2), description="digits of each addend")
+    sort_count: IntRange = Field((6, 8), description="how many numbers to sort")
     sort_max: PositiveInt = Field(9, description="numbers to sort are drawn from 0..sort_max")
-    word_length: IntRange = Field((4, 5), description="letters per word (reverse, upper)")
+    word_length: IntRange = Field((6, 9), description="letters per word (reverse, shift, upper)")
     upper_words: IntRange = Field((1, 1), description="words to copy in upper case")
+    heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.1, description="share of the distinct questions kept for evaluation only"
+    )
+    min_heldout_questions: PositiveInt = Field(
+        500, description="each kind must leave at least this many distinct held-out questions"
+    )
 
     @field_validator("add_digits", "sort_count", "word_length", "upper_words")
     @classmethod
@@ -126,6 +133,38 @@ class TaskConfig(Strict):
                 f"{info.field_name}: [{bounds[0]}, {bounds[1]}] needs {least} ≤ lower ≤ upper"
             )
         return bounds
+
+    def distinct_questions(self, kind: str) -> int:
+        """How many different prompts these settings allow for `kind`: the generators of
+        data/tasks.py counted (tested against enumerating them)."""
+
+        def span(bounds: tuple[int, int]) -> range:
+            return range(bounds[0], bounds[1] + 1)
+
+        if kind == "add":
+            numbers = sum(10 if d == 1 else 9 * 10 ** (d - 1) for d in span(self.add_digits))
+            return numbers**2
+        if kind == "sort":
+            return sum((self.sort_max + 1) ** n for n in span(self.sort_count))
+        if kind == "reverse":  # palindromes are redrawn
+            return sum(26**n - 26 ** ((n + 1) // 2) for n in span(self.word_length))
+        words = sum(26**n for n in span(self.word_length))
+        if kind == "shift":
+            return words
+        return sum(words**n for n in span(self.upper_words))  # upper
+
+    @model_validator(mode="after")
+    def _enough_heldout(self) -> TaskConfig:
+        for kind in self.kinds:
+            heldout = int(self.distinct_questions(kind) * self.heldout_fraction)
+            if heldout < self.min_heldout_questions:
+                raise ValueError(
+                    f"task kind {kind!r}: these settings allow {self.distinct_questions(kind)} "
+                    f"distinct questions, so a held-out share of {self.heldout_fraction} leaves "
+                    f"~{heldout}, fewer than min_heldout_questions ({self.min_heldout_questions})"
+                    ": widen its settings (digits, counts, word lengths)"
+                )
+        return self
 
 
 class TaskSource(Strict):
@@ -476,13 +515,20 @@ class Autoscaling(Strict):
         return self
 
 
+LLADA2_BLOCK_SIZE = 32  # the released LLaDA2.0 models decode in blocks of 32
+
+
 class ServeConfig(Strict):
     """The Serve app: which model, how it decodes, how requests are batched and limited."""
 
     model: str = Field(description="an exported model or checkpoint directory, local or s3://")
     model_name: str = Field("llada-ray", description="the id clients pass as `model`")
     decoder: Literal["block", "ar"] = Field("block", description="ar: the AR baseline")
-    block_size: PositiveInt = Field(32, description="the block size the model was trained at")
+    block_size: PositiveInt | None = Field(
+        None,
+        description="the block size the model was trained at; None: the export's own "
+        f"(lineage.json), else {LLADA2_BLOCK_SIZE} (LLaDA2's)",
+    )
     threshold: Rate = Field(0.95, description="default τ (a request may set `threshold`)")
     min_accept: PositiveInt = 1
     use_cache: bool = True

@@ -104,7 +104,7 @@ def test_sft_and_dpo_refusals(tiny_tokenizer) -> None:
 
 
 def test_dpo_rows_align_both_responses(tiny_tokenizer) -> None:
-    pair = tasks.preference(tasks.example(0, 5))
+    pair = tasks.preference(tasks.example(0, 5, "train"))
     row = dpo_row(pair, tiny_tokenizer, 16, 512)
     for side in (row.chosen_ids, row.rejected_ids):
         assert (len(row.prompt_ids) + len(side)) % 16 == 0
@@ -124,9 +124,9 @@ def test_dpo_rows_align_both_responses(tiny_tokenizer) -> None:
 
 
 def test_task_family_is_deterministic_and_graded_exactly() -> None:
-    a, b = tasks.examples(7, 0, 200), tasks.examples(7, 0, 200)
-    assert a == b and a != tasks.examples(8, 0, 200)
-    assert {ex.task for ex in a} == set(tasks.TASKS)
+    a, b = tasks.examples(7, 0, 200, "train"), tasks.examples(7, 0, 200, "train")
+    assert a == b and a != tasks.examples(8, 0, 200, "train")
+    assert {ex.task for ex in a} == set(tasks.DEFAULT.kinds)
     assert all(ex.answer != ex.wrong for ex in a)
     perfect = tasks.score(a, [ex.answer for ex in a])
     assert perfect["accuracy"] == 1.0

@@ -59,7 +59,7 @@ def teacher(
 def task_rows(n: int) -> list[dict]:
     return [
         {"prompt": ex.prompt, "answer": ex.answer, "task": ex.task}
-        for ex in (tasks.example(5, i) for i in range(n))
+        for ex in (tasks.example(5, i, "train") for i in range(n))
     ]
 
 

@@ -261,7 +261,7 @@ def test_chat_task_documents_pack_whole_with_their_completion(
     for r in rows:
         ids, docs, completion = (np.asarray(r[c]) for c in ("input_ids", "doc_ids", "completion"))
         for seg, key in enumerate(r["segment_keys"]):
-            ex = tasks.example(0, int(key) & 0xFFFFFFFF, cfg.data.task)
+            ex = tasks.example(0, int(key) & 0xFFFFFFFF, "train", cfg.data.task)
             prompt = prompt_ids(tiny_tokenizer, [{"role": "user", "content": ex.prompt}])
             answer = [*tiny_tokenizer(ex.answer, add_special_tokens=False)["input_ids"], eos]
             assert ids[docs == seg].tolist() == prompt + answer

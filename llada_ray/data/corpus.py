@@ -90,6 +90,14 @@ RECORD_SCHEMA = pa.schema(
 TASK_EXAMPLES_PER_UNIT = 2048
 
 
+def task_examples(
+    source: TaskSource, settings: TaskConfig, start: int = 0, stop: int | None = None
+) -> list[tasks.Example]:
+    """Examples [start, stop) of a task source: always from the train split."""
+    stop = source.examples if stop is None else stop
+    return tasks.examples(source.seed, start, stop, "train", settings)
+
+
 def _task_records(
     source: TaskSource,
     settings: TaskConfig,
@@ -100,8 +108,7 @@ def _task_records(
     tokenizer: PreTrainedTokenizerBase | None,
 ) -> list[dict]:
     records = []
-    for i in range(start, stop):
-        ex = tasks.example(source.seed, i, settings)
+    for i, ex in enumerate(task_examples(source, settings, start, stop), start):
         prompt_chars = 0
         if kind == "pretrain":
             text, prompt_chars = pretraining_document(ex, tokenizer, source.format)
@@ -222,10 +229,7 @@ def iter_texts(sources: list[DataSource], cfg: PipelineConfig, max_chars: int) -
     seen = 0
     for index, source in enumerate(sources):
         if isinstance(source, TaskSource):
-            texts = (
-                tasks.pretraining_text(tasks.example(source.seed, i, cfg.data.task))
-                for i in range(source.examples)
-            )
+            texts = map(tasks.pretraining_text, task_examples(source, cfg.data.task))
         else:
             fs, files = list_files(source, cfg.storage)
             texts = (

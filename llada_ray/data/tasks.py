@@ -2,19 +2,28 @@
 
 Used by the embedded default, the tests and the benchmarks as pre-training text, SFT chats and
 DPO pairs (chosen = correct, rejected = a plausible wrong answer). Its difficulty is config
-(`data.task`). Example i of a seed is a pure function of (seed, i, settings), so any worker can
-generate any slice of the data set.
+(`data.task`). Example i of a seed and split is a pure function of (seed, i, split, settings),
+so any worker can generate any slice of the data set.
+
+The split is a property of a question's content, not of a seed: a hash of the prompt puts every
+question in exactly one of `train` and `heldout`, so no evaluation question can occur in any
+training source, whatever seeds the sources and evaluations use. Every caller names its split.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import random
 import string
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
-from llada_ray.config import TaskConfig
+from llada_ray.config import DataConfig, TaskConfig, TaskSource
+
+Split = Literal["train", "heldout"]
+
 
 DEFAULT = TaskConfig()
 
@@ -82,21 +91,47 @@ def _upper(rng: random.Random, cfg: TaskConfig) -> Example:
     return Example("upper", f"Copy in upper case: {text}", text.upper(), wrong)
 
 
+def _shift(rng: random.Random, cfg: TaskConfig) -> Example:
+    word = _word(rng, cfg)
+
+    def shifted(c: str, by: int) -> str:
+        return chr((ord(c) - ord("a") + by) % 26 + ord("a"))
+
+    answer = "".join(shifted(c, 1) for c in word)
+    i = rng.randrange(len(word))  # one letter shifted twice: a near miss
+    return Example("shift", f"Shift letters by one: {word}", answer,
+                   answer[:i] + shifted(word[i], 2) + answer[i + 1 :])  # fmt: skip
+
+
 TASKS: dict[str, Callable[[random.Random, TaskConfig], Example]] = {
     "add": _addition,
     "sort": _sort,
     "reverse": _reverse,
     "upper": _upper,
+    "shift": _shift,
 }
 
 
-def example(seed: int, index: int, cfg: TaskConfig = DEFAULT) -> Example:
+def split_of(prompt: str, cfg: TaskConfig = DEFAULT) -> Split:
+    """The split a question belongs to, from its text alone (a stable hash, not Python's)."""
+    digest = hashlib.blake2b(prompt.encode(), digest_size=8).digest()
+    return "heldout" if int.from_bytes(digest) / 2**64 < cfg.heldout_fraction else "train"
+
+
+def example(seed: int, index: int, split: Split, cfg: TaskConfig = DEFAULT) -> Example:
+    """Draws until the question falls in `split` (about 1 / fraction draws for held-out)."""
     rng = random.Random(f"{seed}:{index}")
-    return TASKS[rng.choice(sorted(cfg.kinds))](rng, cfg)
+    kinds = sorted(cfg.kinds)
+    while True:
+        ex = TASKS[rng.choice(kinds)](rng, cfg)
+        if split_of(ex.prompt, cfg) == split:
+            return ex
 
 
-def examples(seed: int, start: int, stop: int, cfg: TaskConfig = DEFAULT) -> list[Example]:
-    return [example(seed, i, cfg) for i in range(start, stop)]
+def examples(
+    seed: int, start: int, stop: int, split: Split, cfg: TaskConfig = DEFAULT
+) -> list[Example]:
+    return [example(seed, i, split, cfg) for i in range(start, stop)]
 
 
 def describe(cfg: TaskConfig) -> str:
@@ -109,6 +144,20 @@ def describe(cfg: TaskConfig) -> str:
         f"kinds {','.join(sorted(cfg.kinds))}; add {span(cfg.add_digits)} digits; sort "
         f"{span(cfg.sort_count)} numbers of 0-{cfg.sort_max}; words of {span(cfg.word_length)} "
         f"letters; upper {span(cfg.upper_words)} words"
+    )
+
+
+def counts(data: DataConfig, heldout: int) -> str:
+    """The question counts in one line, printed beside every accuracy: what each training
+    source draws (train split) and what the evaluation asks (held-out split)."""
+    drawn = {
+        kind: sum(s.examples for s in getattr(data, kind) if isinstance(s, TaskSource))
+        for kind in ("pretrain", "sft", "dpo")
+    }
+    train = ", ".join(f"{kind} {n:,}" for kind, n in drawn.items() if n)
+    return (
+        f"{heldout:,} held-out questions (split by prompt hash, {data.task.heldout_fraction:.0%} "
+        f"of all; none in any training source); training questions: {train or 'none'}"
     )
 
 
@@ -129,6 +178,26 @@ def chat(ex: Example) -> dict:
 def preference(ex: Example) -> dict:
     """A DPO sample: chosen = correct, rejected = the plausible wrong answer."""
     return {"prompt": ex.prompt, "chosen": ex.answer, "rejected": ex.wrong}
+
+
+ERROR_CLASSES = ("ok", "early_eos", "too_long", "wrong_characters")
+
+
+def error_counts(classes: Iterable[str]) -> dict[str, int]:
+    """Questions per class, every class named (zeros included)."""
+    found = list(classes)
+    return {c: found.count(c) for c in ERROR_CLASSES}
+
+
+def error_class(expected: str, given: str) -> str:
+    """ok, early_eos (shorter: the decoder ended the answer before its content), too_long, or
+    wrong_characters (the right length, another text)."""
+    given = given.strip()
+    if given == expected:
+        return "ok"
+    if len(given) < len(expected):
+        return "early_eos"
+    return "too_long" if len(given) > len(expected) else "wrong_characters"
 
 
 def score(items: Iterable[Example], answers: Iterable[str]) -> dict[str, float]:
