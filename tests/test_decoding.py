@@ -26,6 +26,27 @@ def dlm(tiny_tokenizer) -> DiffusionLM:
     return DiffusionLM(hf, attention="dense").eval()
 
 
+@pytest.fixture(scope="module")
+def eos_dlm(tiny_tokenizer) -> DiffusionLM:
+    """The model above, made to predict EOS at some absolute positions (a random model never
+    ends an answer): decisions past an answer's end happen, and rules about them bite."""
+    tiny = TinyModelConfig(hidden_size=64, num_layers=2, intermediate_size=128)
+    hf = build_tiny_model(tiny, tiny_tokenizer, seed=7)
+    with torch.no_grad():
+        hf.get_output_embeddings().weight.mul_(12.0)
+    model = DiffusionLM(hf, attention="dense").eval()
+    eos = tiny_tokenizer.eos_token_id
+
+    def ends(module, args, kwargs, logits):
+        positions = kwargs.get("position_ids", args[2] if len(args) > 2 else None)
+        positions = positions[:, : logits.shape[1]]
+        logits[..., eos] += 8.0 * ((positions % 7 == 4) | (positions % 11 == 9))
+        return logits
+
+    model.register_forward_hook(ends, with_kwargs=True)
+    return model
+
+
 def _prompts() -> list[list[int]]:
     gen = torch.Generator().manual_seed(0)
     return [torch.randint(5, 500, (n,), generator=gen).tolist() for n in (3, 8, 13, 21)]
@@ -53,12 +74,21 @@ def test_batched_equals_one_request_at_a_time(dlm, tiny_tokenizer):
 
 
 def _reference(
-    dlm: DiffusionLM, prompt: list[int], eos: int, max_new: int, threshold: float = 1.0
-) -> tuple[list[int], int]:
-    """(tokens, forwards) of greedy block decoding, recomputed from scratch at every step with
-    the training layout [xt ; x0] (noisy block, clean context), no cache, one request. A step
-    accepts every open position above τ, else the most confident one; a position is open while
-    masked, within the token budget and not after the first generated EOS."""
+    dlm: DiffusionLM,
+    prompt: list[int],
+    eos: int,
+    max_new: int,
+    threshold: float = 1.0,
+    order: str = "confidence",
+    eos_in_order: bool = False,
+) -> tuple[list[int], int, int]:
+    """(tokens, forwards, tokens decided past the output's EOS) of greedy block decoding,
+    recomputed from scratch at every step with the training layout [xt ; x0] (noisy block, clean
+    context), no cache, one request. A step accepts every open position above τ, else the most
+    confident one (left to right: the leftmost open one alone; EOS in order: none after the
+    first open position predicting EOS, which itself only once nothing open precedes it unchosen,
+    else the leftmost); a position is open while masked, within the token budget and not after
+    the first generated EOS."""
     seq, mask = list(prompt), dlm.mask_token_id
     new: list[int] = []
     forwards = 0
@@ -78,15 +108,24 @@ def _reference(
             confidence, candidates = logits.float().softmax(-1).max(-1)
             chosen = [i for i in opened if confidence[i] > threshold]
             chosen = chosen or [max(opened, key=lambda i: float(confidence[i]))]
+            if eos_in_order:
+                end = min((i for i in opened if int(candidates[i]) == eos), default=B)
+                chosen = [i for i in chosen if i <= end]
+                if end in chosen and any(i < end and i not in chosen for i in opened):
+                    chosen.remove(end)
+                chosen = chosen or [min(opened)]
+            if order == "left_to_right":
+                chosen = [min(opened)]
             for i in chosen:
                 block[i] = int(candidates[i])
         produced = block[given:][: max_new - len(new)]
         if eos in produced:
-            return new + produced[: produced.index(eos) + 1], forwards
+            end = produced.index(eos) + 1
+            return new + produced[:end], forwards, sum(t != mask for t in produced[end:])
         new += produced
         seq = seq[:start] + block
         if len(new) >= max_new:
-            return new, forwards
+            return new, forwards, 0
 
 
 def _open_positions(block: list[int], given: int, budget: int, eos: int, mask: int) -> list[int]:
@@ -106,7 +145,43 @@ def test_block_decoder_equals_a_brute_force_sampler(dlm, tiny_tokenizer, thresho
     prompts = [*_prompts(), [*_prompts()[1][:5], eos, 9]]  # one prompt ends with an EOS
     out = BlockDecoder(dlm, eos, B).generate(prompts, Sampling(threshold, max_new_tokens=20))
     for prompt, g in zip(prompts, out, strict=True):
-        assert (g.tokens, g.forwards) == _reference(dlm, prompt, eos, 20, threshold)
+        assert (g.tokens, g.forwards, g.discarded) == _reference(dlm, prompt, eos, 20, threshold)
+
+
+def test_left_to_right_order_equals_the_reference_beside_confidence_rows(dlm, tiny_tokenizer):
+    """Rows decoding left to right (one position per forward, the leftmost) batched with rows
+    decoding by confidence: each equals the brute-force reference of its own order."""
+    eos = tiny_tokenizer.eos_token_id
+    prompts = _prompts()
+    orders = ["left_to_right", "confidence"] * 2
+    samplings = [Sampling(0.3, max_new_tokens=20, order=o) for o in orders]
+    out = BlockDecoder(dlm, eos, B).generate(prompts, samplings)
+    for prompt, order, g in zip(prompts, orders, out, strict=True):
+        ref = _reference(dlm, prompt, eos, 20, 0.3, order)
+        assert (g.tokens, g.forwards, g.discarded) == ref
+        if order == "left_to_right":  # a forward per output token, nothing decided past it
+            assert g.forwards == len(g.tokens) and g.discarded == 0
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.3])
+def test_eos_in_order_equals_the_reference_beside_plain_rows(eos_dlm, tiny_tokenizer, threshold):
+    """Rows that accept nothing past their predicted end (EOS in order) batched with rows that
+    do, on a model that ends its answers: each equals the brute-force reference of its own
+    rule, tokens decided past the end counted alike; the rule leaves none."""
+    eos = tiny_tokenizer.eos_token_id
+    prompts = [*_prompts(), [*_prompts()[1][:5], eos, 9]]
+    for flip in (False, True):  # each prompt under each rule, beside the other rule
+        rules = [(i % 2 == 0) != flip for i in range(len(prompts))]
+        samplings = [Sampling(threshold, max_new_tokens=20, eos_in_order=r) for r in rules]
+        out = BlockDecoder(eos_dlm, eos, B).generate(prompts, samplings)
+        for prompt, s, g in zip(prompts, samplings, out, strict=True):
+            ref = _reference(eos_dlm, prompt, eos, 20, threshold, eos_in_order=s.eos_in_order)
+            assert (g.tokens, g.forwards, g.discarded) == ref
+            assert eos in g.tokens
+            if s.eos_in_order:
+                assert g.discarded == 0
+    plain = BlockDecoder(eos_dlm, eos, B).generate(prompts, Sampling(0.05, max_new_tokens=20))
+    assert sum(g.discarded for g in plain) > 0  # without the rule, decisions past the end
 
 
 def test_a_row_leaves_the_batch_at_the_step_its_answer_is_complete(dlm, tiny_tokenizer):

@@ -388,7 +388,9 @@ class Decoder:
         g, s = r.out, r.sampling
         new = new[: s.max_new_tokens - len(g.tokens)]
         if self.eos in new and not s.ignore_eos:
-            g.tokens += new[: new.index(self.eos) + 1]
+            end = new.index(self.eos) + 1
+            g.tokens += new[:end]
+            g.discarded += sum(t != self.mask for t in new[end:])
             g.finish_reason = "stop"
         else:
             g.tokens += new

@@ -129,6 +129,13 @@ class BlockRun(Run):
         thresholds = torch.tensor([r.sampling.threshold for r in self.requests], device=device)
         min_accept = torch.tensor([r.sampling.min_accept for r in self.requests], device=device)
         eos = torch.tensor([not r.sampling.ignore_eos for r in self.requests], device=device)
+        ltr = torch.tensor([r.sampling.order == "left_to_right" for r in self.requests],
+                           device=device)  # fmt: skip
+        in_order = torch.tensor(
+            [r.sampling.eos_in_order and not r.sampling.ignore_eos for r in self.requests],
+            device=device,
+        )
+        any_ltr, any_in_order = ltr.any().item(), in_order.any().item()  # once per block
         while True:
             open_, ends = d._open(self.blocks, given, wanted, eos)
             running = open_.any(-1)
@@ -137,8 +144,9 @@ class BlockRun(Run):
                     d._extend(self.requests[w], self.blocks[w, int(given[w]) :].tolist())
                 keep = (~done).nonzero().flatten()
                 self._keep(keep.tolist())
-                index, given, wanted, thresholds, min_accept, eos = (
-                    x[keep] for x in (index, given, wanted, thresholds, min_accept, eos)
+                index, given, wanted, thresholds, min_accept, eos, ltr, in_order = (
+                    x[keep]
+                    for x in (index, given, wanted, thresholds, min_accept, eos, ltr, in_order)
                 )
                 open_, running = open_[keep], running[keep]
             if not running.any():
@@ -161,6 +169,17 @@ class BlockRun(Run):
                 wanted_rank = torch.arange(ranked.shape[1], device=device) < need[:, None]
                 forced = torch.zeros_like(accept).scatter_(1, ranked, wanted_rank)
                 accept |= forced & short[:, None]
+            leftmost = open_ & (open_.cumsum(-1) == 1)
+            if any_in_order:  # nothing past the predicted end; its EOS only once in order
+                position = torch.arange(B, device=device)
+                eos_here = open_ & (candidates == d.eos)
+                end = torch.where(eos_here, position, B).min(-1, keepdim=True).values
+                waiting = open_ & ~accept & (position < end)
+                ordered = accept & (position <= end) & ~(eos_here & (waiting.cumsum(-1) > 0))
+                ordered |= leftmost & ~ordered.any(-1, keepdim=True)  # never nothing
+                accept = torch.where(in_order[:, None], ordered, accept)
+            if any_ltr:  # those rows take their leftmost open position alone
+                accept = torch.where(ltr[:, None], leftmost, accept)
             for r, a in zip(self.requests, active, strict=True):
                 r.out.forwards += a
             self.blocks = torch.where(accept, candidates, self.blocks)

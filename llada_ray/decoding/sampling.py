@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -18,6 +19,13 @@ class Sampling:
     top_k: int | None = None
     top_p: float | None = None
     ignore_eos: bool = False  # decode max_new_tokens whatever comes (benchmarks: fixed lengths)
+    # Block decoding: "left_to_right" takes one position per forward, the leftmost open one,
+    # whatever τ says: semi-autoregressive order, which separates decoding order from the model.
+    order: Literal["confidence", "left_to_right"] = "confidence"
+    # Block decoding: no position after the leftmost open one whose candidate is EOS (the answer's
+    # predicted end) is accepted, and that EOS only with every open position before it: no
+    # forward is paid for text past where the model believes the answer ends.
+    eos_in_order: bool = False
 
     def __post_init__(self) -> None:
         # A bad setting would loop forever (min_accept 0) or divide by zero: refuse it here.
@@ -39,6 +47,9 @@ class Generation:
     finish_reason: str | None = None
     seconds: float = 0.0  # wall time from joining a batch until this request finished
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    # Block decoding: tokens decided after the answer's end (past an EOS committed later, to
+    # their left): forwards spent on what never reached the output.
+    discarded: int = 0
 
     @property
     def done(self) -> bool:
