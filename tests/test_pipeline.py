@@ -156,6 +156,10 @@ def test_every_stage_committed_with_lineage_in_mlflow(reference, mlflow_tracking
     names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(export))}
     assert {"model.safetensors", "config.json", "tokenizer.json", "lineage.json"} <= names
     assert "dcp" not in names and "manifest.json" not in names  # the model, no trainer state
+    with fs.open_input_stream(f"{export}/lineage.json") as f:
+        lineage = json.loads(f.read())
+    # What `llada-ray serve` decodes it with: the block DPO (the last stage) trained at.
+    assert lineage["block_size"] == next(s.block_size for s in cfg.stages if s.stage == "dpo")
 
     client = MlflowClient(mlflow_tracking.uri)
     experiment = client.get_experiment_by_name("pipeline-test").experiment_id

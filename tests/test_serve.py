@@ -24,7 +24,7 @@ from schemathesis import Case, GenerationMode
 
 from llada_ray.config import ServeConfig, TinyModelConfig
 from llada_ray.model import build_tiny_model, save_model
-from llada_ray.serve.engine import TextEngine
+from llada_ray.serve.engine import TextEngine, trained_block_size
 from llada_ray.serve.loop import DecodeError, EngineLoop, LoopStats
 from llada_ray.serve.process import EngineProcess
 from tests import stack
@@ -477,3 +477,13 @@ def test_killed_replica_under_load_fails_in_flight_requests_cleanly_and_comes_ba
         print(f"\n  replica killed under load: {len(results)} requests, failed "
               f"{sorted(s for _, s in failed)}, answering again {back - killed_at[0]:.1f} s "
               "after the kill")  # fmt: skip
+
+
+def test_the_block_size_is_the_exports_unless_configured(tmp_path) -> None:
+    """A model decodes well only at the block size it last trained at: the export says which
+    (lineage.json); a configured one wins; a model with neither decodes at LLaDA2's 32."""
+    cfg = ServeConfig(model=str(tmp_path))
+    assert trained_block_size(cfg, tmp_path) == 32
+    (tmp_path / "lineage.json").write_text(json.dumps({"block_size": 8}))
+    assert trained_block_size(cfg, tmp_path) == 8
+    assert trained_block_size(cfg.model_copy(update={"block_size": 16}), tmp_path) == 16

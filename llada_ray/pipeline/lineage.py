@@ -1,10 +1,11 @@
 """What a finished pipeline leaves behind: the exported model, its lineage and its evaluation.
 
 The export is the last model's files (safetensors, config, tokenizer) plus `lineage.json` naming
-every stage's output and config hash. The MLflow model registry gets a version that points at the
-export in our storage (the weights are not copied into MLflow), with an alias and a tag per
-upstream stage. The parent run gets the plots: loss per stage over global tokens, the block-size
-schedule, and the task accuracy after each post-training stage (when the config asks for it).
+every stage's output and config hash, and the block size the model is served with. The MLflow
+model registry gets a version that points at the export in our storage (the weights are not
+copied into MLflow), with an alias and a tag per upstream stage. The parent run gets the plots:
+loss per stage over global tokens, the block-size schedule, and the task accuracy after each
+post-training stage (when the config asks for it).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from llada_ray.model.io import MODEL_FILES
 from llada_ray.pipeline import manifests
 from llada_ray.pipeline.graph import stage_graph
 from llada_ray.train import checkpoint
-from llada_ray.train.plan import units
+from llada_ray.train.plan import served_block_size, units
 
 # Evaluated after training (merge: the model before post-training; ar_sft: the AR baseline).
 EVALUATED = ("merge", "sft", "cap", "dpo", "ar_sft")
@@ -61,6 +62,7 @@ def export(cfg: PipelineConfig, fs: pafs.FileSystem, run_root: str, model: str) 
         "pipeline": cfg.name,
         "model": uri_of(fs, model),
         "code_version": manifests.code_version(),
+        "block_size": served_block_size(cfg),  # what `llada-ray serve` decodes it with
         "stages": [
             {
                 "stage": s.name,
@@ -94,6 +96,7 @@ def finish(
         task = ray.remote(num_cpus=1, num_gpus=1 if cfg.scaling.use_gpu else 0)(evaluate_models)
         accuracy = ray.get(task.remote(cfg, models))
         say(f"{'':<16} task settings: {tasks.describe(cfg.data.task)}")
+        say(f"{'':<16} {tasks.counts(cfg.data, cfg.evaluation.task_examples)}")
         for stage, figures in accuracy.items():
             kinds = ", ".join(f"{k} {v:.0%}" for k, v in figures["per_task"].items())
             say(
@@ -150,8 +153,8 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str]) -> dict[str, di
 
     fs, _ = storage_root(cfg.storage)
     ev = cfg.evaluation
-    examples = tasks.examples(ev.seed, 0, ev.task_examples, cfg.data.task)
-    block = next(u.block_size for u in reversed(units(cfg)) if u.block_size and not u.baseline)
+    examples = tasks.examples(ev.seed, 0, ev.task_examples, "heldout", cfg.data.task)
+    block = served_block_size(cfg)
     sampling = Sampling(ev.threshold, max_new_tokens=ev.max_new_tokens)
     out = {}
     for stage, path in models.items():

@@ -5,6 +5,7 @@ No Ray here: the Serve deployment, the benchmarks and the demo all drive this on
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import pyarrow.fs as pafs
 import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
-from llada_ray.config import ServeConfig
+from llada_ray.config import LLADA2_BLOCK_SIZE, ServeConfig
 from llada_ray.data.chat import prompt_ids
 from llada_ray.decoding import ARDecoder, BlockDecoder, Decoder, EngineOptions, Sampling
 from llada_ray.decoding.batch import ContextLimit, Request
@@ -93,6 +94,15 @@ def fetch_model(uri: str, cfg: ServeConfig, weights: bool = True) -> Path:
     return local
 
 
+def trained_block_size(cfg: ServeConfig, local: Path) -> int:
+    """The configured block size, else the one the export records (lineage.json), else
+    LLaDA2's: a model decodes well only at the block size it last trained at."""
+    lineage = local / "lineage.json"
+    if cfg.block_size is None and lineage.is_file():
+        return json.loads(lineage.read_text()).get("block_size", LLADA2_BLOCK_SIZE)
+    return cfg.block_size or LLADA2_BLOCK_SIZE
+
+
 class TextEngine:
     """Text to jobs (tokenizer, limits), and, with a decoder, jobs to text updates. A server's
     HTTP side loads it without a decoder (`decode=False`: no weights); its decode process with
@@ -110,9 +120,10 @@ class TextEngine:
     @classmethod
     def load(cls, cfg: ServeConfig, decode: bool = True) -> TextEngine:
         local = fetch_model(cfg.model, cfg, weights=decode)
+        block_size = trained_block_size(cfg, local)
         if not decode:
             context = AutoConfig.from_pretrained(local).max_position_embeddings
-            block = cfg.block_size if cfg.decoder == "block" else 1
+            block = block_size if cfg.decoder == "block" else 1
             limit = ContextLimit(min(cfg.max_length, context), block)
             return cls(load_tokenizer(local), cfg, limit)
         if cfg.torch_threads:
@@ -126,11 +137,11 @@ class TextEngine:
             cfg.decoding.length_bucket,
             cfg.decoding.compile,
             cfg.decoding.prefix_cache_mb,
-            cfg.block_size,
+            block_size,
         )
         length = min(cfg.max_length, dlm.hf.config.max_position_embeddings)
         decoder: Decoder = (
-            BlockDecoder(dlm, eos, cfg.block_size, cfg.use_cache, length, engine)
+            BlockDecoder(dlm, eos, block_size, cfg.use_cache, length, engine)
             if cfg.decoder == "block"
             else ARDecoder(dlm, eos, cfg.use_cache, length, engine)
         )
