@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo cluster-demo test lint bench clean
+.PHONY: setup demo cluster-demo test lint bench readme clean
 
 setup: $(STAMP)
 
@@ -37,9 +37,14 @@ bench: setup
 	$(BIN)/python bench/packing.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/levers.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/scale.py
+
+# README.md from docs/README.template.md and the figures in bench/results (tests/test_readme.py).
+readme: setup
+	$(BIN)/python tools/render_readme.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

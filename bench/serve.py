@@ -329,9 +329,11 @@ def main() -> None:
         print(json.dumps(asyncio.run(_load(json.loads(args.client)))))
         return
 
+    from llada_ray.config import load_config
     from llada_ray.data import tasks
 
-    questions = [ex.prompt for ex in tasks.examples(99, 0, 64, "heldout")]
+    task = load_config(ROOT / "configs" / "tiny.yaml").data.task  # the demo model's task
+    questions = [ex.prompt for ex in tasks.examples(99, 0, 64, "heldout", task)]
     settings = {"model": str(model_dir()), "model_name": "tiny", "threshold": 0.9,
                 "max_batch_size": 16, "max_ongoing_requests": 64, "num_cpus": 1,
                 "torch_threads": 1, "port": PORT}  # fmt: skip

@@ -27,9 +27,12 @@ class TaskEval:
     similarity: float
     tokens: int  # generated, EOS included
     forwards: int  # summed over requests: the forwards each one needed
+    discarded: int  # tokens decided past an answer's end (block decoding)
     seconds: float
     batch_size: int
+    errors: dict[str, int]  # questions per error class (tasks.error_class), "ok" included
     answers: list[str] = field(repr=False)
+    questions: list[dict] = field(repr=False)  # per question: prompt, expected, answer, class
 
     @property
     def tokens_per_forward(self) -> float:
@@ -41,8 +44,9 @@ class TaskEval:
 
     def summary(self) -> dict:
         """Every figure but the answers, as plain data (JSON, MLflow)."""
-        out = {k: v for k, v in asdict(self).items() if k != "answers"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("answers", "questions")}
         return out | {
+            "questions_count": len(self.answers),
             "tokens_per_forward": self.tokens_per_forward,
             "tokens_per_s": self.tokens_per_s,
         }
@@ -66,21 +70,34 @@ def evaluate(
     """Decode the examples, continuously batched (up to the decoder's max_batch at a time), and
     grade the answers."""
     prompts = task_prompts(tokenizer, examples, chat)
-    answers, tokens, forwards = [], 0, 0
     started = time.perf_counter()
-    for g in decoder.generate(prompts, sampling):
-        answers.append(tokenizer.decode(g.tokens, skip_special_tokens=True).strip())
-        tokens += len(g.tokens)
-        forwards += g.forwards
+    generated = decoder.generate(prompts, sampling)
     seconds = time.perf_counter() - started
+    answers = [tokenizer.decode(g.tokens, skip_special_tokens=True).strip() for g in generated]
+    questions = [
+        {
+            "task": ex.task,
+            "prompt": ex.prompt,
+            "expected": ex.answer,
+            "answer": answer,
+            "error": tasks.error_class(ex.answer, answer),
+            "tokens": len(g.tokens),
+            "forwards": g.forwards,
+            "discarded": g.discarded,
+        }
+        for ex, answer, g in zip(examples, answers, generated, strict=True)
+    ]
     scores = tasks.score(examples, answers)
     return TaskEval(
         accuracy=scores["accuracy"],
         per_task={k.split("/")[1]: v for k, v in scores.items() if k.startswith("accuracy/")},
         similarity=scores["similarity"],
-        tokens=tokens,
-        forwards=forwards,
+        tokens=sum(q["tokens"] for q in questions),
+        forwards=sum(q["forwards"] for q in questions),
+        discarded=sum(q["discarded"] for q in questions),
         seconds=seconds,
         batch_size=decoder.options.max_batch,
+        errors=tasks.error_counts(q["error"] for q in questions),
         answers=answers,
+        questions=questions,
     )

@@ -37,12 +37,9 @@ def test_no_evaluation_question_occurs_in_any_training_source() -> None:
 
 
 def test_the_split_is_a_property_of_the_question() -> None:
-    """Same prompt, same split, whatever seed or index drew it; about the configured share of
-    distinct questions is held out."""
+    """About the configured share of distinct questions is held out (the split depends on the
+    prompt's text alone: no seed, no index)."""
     cfg = TaskConfig(heldout_fraction=0.25)
-    drawn = tasks.examples(3, 0, 300, "train", cfg) + tasks.examples(4, 0, 300, "heldout", cfg)
-    assert all(tasks.split_of(ex.prompt, cfg) == "train" for ex in drawn[:300])
-    assert all(tasks.split_of(ex.prompt, cfg) == "heldout" for ex in drawn[300:])
     rng = random.Random(0)
     any_prompts = {tasks.TASKS[rng.choice(cfg.kinds)](rng, cfg).prompt for _ in range(4000)}
     share = sum(tasks.split_of(p, cfg) == "heldout" for p in any_prompts) / len(any_prompts)
@@ -52,7 +49,7 @@ def test_the_split_is_a_property_of_the_question() -> None:
 @pytest.mark.parametrize(
     "settings",
     [
-        {"kinds": ["add"], "add_digits": (1, 2)},
+        {"kinds": ["add"], "add_digits": (1, 1)},
         {"sort_count": (2, 3), "sort_max": 4},
         {"word_length": (2, 2), "upper_words": (1, 1)},
     ],
@@ -61,10 +58,10 @@ def test_distinct_question_counts_match_the_generators(settings: dict) -> None:
     """The count that validation refuses on, against the generators enumerated (small spaces:
     draw until nothing new appears in many tries)."""
     cfg = TaskConfig(**settings, heldout_fraction=0.5, min_heldout_questions=1)
-    for kind in cfg.kinds:
+    counted = [k for k in cfg.kinds if cfg.distinct_questions(k) <= 5000]
+    assert counted  # each case enumerates some kind
+    for kind in counted:
         expected = cfg.distinct_questions(kind)
-        if expected > 5000:
-            continue
         rng = random.Random(kind)
         seen = {tasks.TASKS[kind](rng, cfg).prompt for _ in range(60 * expected)}
         assert len(seen) == expected, kind

@@ -4,10 +4,12 @@ Starts a local Ray head (its own temp dir and ports; stopped at the end), submit
 through Ray's job API and follows it: one line per stage with its progress (step, loss, tokens/s,
 ETA), while the job's whole log (Ray's own output included) goes to a file whose path it prints.
 Then it serves the exported model with `llada-ray serve`, asks it held-out task questions and
-prints the answers, the accuracy per task kind and the tokens per forward. Storage and MLflow are
-local files (runs/, mlflow.db) unless the config says otherwise.
+prints the answers, the accuracy per task kind, the error classes, the tokens per forward, the
+task settings and the question counts, and saves them all as JSON beside the pipeline's outputs
+(`<storage>/<name>/demo/served.json`). Storage and MLflow are local files (runs/, mlflow.db)
+unless the config says otherwise.
 
-    python tools/demo.py [--config configs/tiny.yaml] [--questions 64]
+    python tools/demo.py [--config configs/tiny.yaml] [--questions 128] [--record]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import requests
 import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
@@ -34,6 +37,7 @@ from llada_ray.pipeline import manifests
 from llada_ray.pipeline.lineage import uri_of
 from llada_ray.progress import parse
 from llada_ray.train.outputs import pipeline_root
+from llada_ray.train.plan import served_block_size
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -121,14 +125,23 @@ def ask(url: str, ex: tasks.Example, threshold: float) -> dict:
     r = requests.post(f"{url}/v1/chat/completions", json=body, timeout=120)
     r.raise_for_status()
     reply = r.json()
+    answer = reply["choices"][0]["message"]["content"].strip()
     return {
-        "answer": reply["choices"][0]["message"]["content"].strip(),
+        "task": ex.task,
+        "prompt": ex.prompt,
+        "expected": ex.answer,
+        "answer": answer,
+        "error": tasks.error_class(ex.answer, answer),
         "tokens": reply["usage"]["completion_tokens"],
         "forwards": reply["decoding"]["forwards"],
     }
 
 
-def serve_and_ask(head: local_stack.RayHead, export: str, cfg: PipelineConfig, n: int) -> int:
+def serve_and_ask(
+    head: local_stack.RayHead, export: str, cfg: PipelineConfig, n: int
+) -> dict | None:
+    """The served model's answers to `n` held-out questions and its figures; None if it
+    did not come up."""
     port = local_stack.free_port()
     serve_log = Path(tempfile.mkdtemp(prefix="llada-demo-serve-")) / "serve.log"
     cmd = [str(BIN / "llada-ray"), "serve", export, "--address", head.address,
@@ -138,32 +151,66 @@ def serve_and_ask(head: local_stack.RayHead, export: str, cfg: PipelineConfig, n
         while not _healthy(url):
             if proc.poll() is not None:
                 print(serve_log.read_text(), file=sys.stderr)
-                return 1
+                return None
             time.sleep(0.5)
         print(f"\n== serving {export} at {url}/v1", flush=True)
-        examples = tasks.examples(cfg.evaluation.seed + 1, 0, n, cfg.data.task)
+        examples = tasks.examples(cfg.evaluation.seed + 1, 0, n, "heldout", cfg.data.task)
+        tau = cfg.evaluation.threshold  # as the pipeline evaluated it
         with ThreadPoolExecutor(8) as pool:
-            tau = cfg.evaluation.threshold  # as the pipeline evaluated it
             replies = list(pool.map(lambda ex: ask(url, ex, tau), examples))
     print(f"\n{'question':<40}{'answer':<22}{'expected':<22}ok")
-    for ex, r in list(zip(examples, replies, strict=True))[:16]:
-        ok = "✓" if r["answer"] == ex.answer else "✗"
-        print(f"{ex.prompt[:39]:<40}{r['answer'][:21]:<22}{ex.answer[:21]:<22}{ok}")
+    for r in replies[:16]:
+        ok = "✓" if r["error"] == "ok" else "✗"
+        print(f"{r['prompt'][:39]:<40}{r['answer'][:21]:<22}{r['expected'][:21]:<22}{ok}")
     if n > 16:
         print(f"… and {n - 16} more")
     scores = tasks.score(examples, [r["answer"] for r in replies])
-    kinds = ", ".join(f"{k.split('/')[1]} {v:.0%}" for k, v in scores.items() if "/" in k)
-    tpf = sum(r["tokens"] for r in replies) / max(sum(r["forwards"] for r in replies), 1)
-    print(f"\nserved model: exact match {scores['accuracy']:.0%} of {n} held-out questions "
-          f"({kinds}); {tpf:.2f} tokens per forward")  # fmt: skip
-    print(f"task settings: {tasks.describe(cfg.data.task)}")
-    return 0
+    per_task = {k.split("/")[1]: v for k, v in scores.items() if "/" in k}
+    tokens, forwards = sum(r["tokens"] for r in replies), sum(r["forwards"] for r in replies)
+    errors = tasks.error_counts(r["error"] for r in replies)
+    figures = {
+        "export": export,
+        "threshold": tau,
+        "block_size": served_block_size(cfg),
+        "task_settings": tasks.describe(cfg.data.task),
+        "question_counts": tasks.counts(cfg.data, n),
+        "questions": n,
+        "accuracy": scores["accuracy"],
+        "per_task": per_task,
+        "errors": errors,
+        "tokens_per_forward": tokens / max(forwards, 1),
+        "answers": replies,
+    }
+    kinds = ", ".join(f"{k} {v:.0%}" for k, v in per_task.items())
+    print(f"\nserved model: exact match {scores['accuracy']:.1%} of {n} held-out questions "
+          f"({kinds}); {figures['tokens_per_forward']:.2f} tokens per forward (τ {tau}, "
+          f"block {served_block_size(cfg)})")  # fmt: skip
+    print(f"errors: {errors}")
+    print(f"task settings: {figures['task_settings']}")
+    print(f"question counts: {figures['question_counts']}")
+    return figures
+
+
+def save(fs: pafs.FileSystem, run_root: str, figures: dict, record: bool) -> str:
+    """The served figures as JSON in the pipeline's storage (and bench/results/demo.json, the
+    README's source, with --record); returns where."""
+    text = json.dumps(figures, indent=1) + "\n"
+    path = f"{run_root}/demo/served.json"
+    fs.create_dir(f"{run_root}/demo", recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+    if record:
+        (REPO / "bench" / "results" / "demo.json").write_text(text)
+    return path
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
-    parser.add_argument("--questions", type=int, default=64)
+    parser.add_argument("--questions", type=int, default=128)
+    parser.add_argument(
+        "--record", action="store_true", help="also write bench/results/demo.json (the README's)"
+    )
     args = parser.parse_args()
     started = time.monotonic()
     config, cfg = local_config(Path(args.config))
@@ -196,8 +243,11 @@ def main() -> int:
         fs, run_root = pipeline_root(cfg)
         committed = manifests.read_all(fs, run_root)
         export = uri_of(fs, committed["export"]["output"])
-        if serve_and_ask(head, export, cfg, args.questions):
+        figures = serve_and_ask(head, export, cfg, args.questions)
+        if figures is None:
             return 1
+    figures["minutes"] = (time.monotonic() - started) / 60
+    saved = save(fs, run_root, figures, args.record)
     registered = committed["export"].get("summary", {}).get("registered")
     print(f"\n== done in {(time.monotonic() - started) / 60:.1f} min. Where to look:")
     print(f"  stages:  .venv/bin/llada-ray status {config}")
@@ -205,6 +255,7 @@ def main() -> int:
     print(f"  MLflow:  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking.uri}")
     print(f"  serve:   .venv/bin/llada-ray serve {export}")
     print(f"  job log: {job_log}")
+    print(f"  figures: {uri_of(fs, saved)}")
     print(f"  lineage: {json.dumps(registered)}")
     return 0
 

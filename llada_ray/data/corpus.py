@@ -92,10 +92,10 @@ TASK_EXAMPLES_PER_UNIT = 2048
 
 def task_examples(
     source: TaskSource, settings: TaskConfig, start: int = 0, stop: int | None = None
-) -> list[tasks.Example]:
-    """Examples [start, stop) of a task source: always from the train split."""
+) -> Iterator[tasks.Example]:
+    """Examples [start, stop) of a task source, lazily: always from the train split."""
     stop = source.examples if stop is None else stop
-    return tasks.examples(source.seed, start, stop, "train", settings)
+    return (tasks.example(source.seed, i, "train", settings) for i in range(start, stop))
 
 
 def _task_records(

@@ -140,11 +140,17 @@ def describe(cfg: TaskConfig) -> str:
     def span(bounds: tuple[int, int]) -> str:
         return str(bounds[0]) if bounds[0] == bounds[1] else f"{bounds[0]}-{bounds[1]}"
 
-    return (
-        f"kinds {','.join(sorted(cfg.kinds))}; add {span(cfg.add_digits)} digits; sort "
-        f"{span(cfg.sort_count)} numbers of 0-{cfg.sort_max}; words of {span(cfg.word_length)} "
-        f"letters; upper {span(cfg.upper_words)} words"
-    )
+    parts = {
+        "add": f"add {span(cfg.add_digits)} digits",
+        "sort": f"sort {span(cfg.sort_count)} numbers of 0-{cfg.sort_max}",
+        "upper": f"upper {span(cfg.upper_words)} words",
+    }
+    words = f"words of {span(cfg.word_length)} letters"
+    kinds = sorted(cfg.kinds)
+    shown = [parts[k] for k in kinds if k in parts]
+    if {"reverse", "shift", "upper"} & set(kinds):
+        shown.append(words)
+    return f"kinds {','.join(kinds)}; " + "; ".join(shown)
 
 
 def counts(data: DataConfig, heldout: int) -> str:

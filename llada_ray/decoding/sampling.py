@@ -24,7 +24,8 @@ class Sampling:
     order: Literal["confidence", "left_to_right"] = "confidence"
     # Block decoding: no position after the leftmost open one whose candidate is EOS (the answer's
     # predicted end) is accepted, and that EOS only with every open position before it: no
-    # forward is paid for text past where the model believes the answer ends.
+    # forward is paid for text past where the model believes the answer ends. It takes
+    # precedence over min_accept (at least one position is always accepted).
     eos_in_order: bool = False
 
     def __post_init__(self) -> None:
@@ -34,6 +35,8 @@ class Sampling:
         if self.temperature < 0 or (self.top_p is not None and not 0 < self.top_p <= 1):
             raise ValueError(f"bad sampling settings: {self}")
         if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"bad sampling settings: {self}")
+        if self.order not in ("confidence", "left_to_right"):
             raise ValueError(f"bad sampling settings: {self}")
 
 

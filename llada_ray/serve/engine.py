@@ -99,7 +99,7 @@ def trained_block_size(cfg: ServeConfig, local: Path) -> int:
     LLaDA2's: a model decodes well only at the block size it last trained at."""
     lineage = local / "lineage.json"
     if cfg.block_size is None and lineage.is_file():
-        return json.loads(lineage.read_text()).get("block_size", LLADA2_BLOCK_SIZE)
+        return json.loads(lineage.read_text()).get("block_size") or LLADA2_BLOCK_SIZE
     return cfg.block_size or LLADA2_BLOCK_SIZE
 
 

@@ -150,10 +150,11 @@ def _final_lr(before: list[Unit]) -> float:
     raise ValueError("stage dpo without lr needs a training stage before it to take the rate from")
 
 
-def served_block_size(cfg: PipelineConfig) -> int:
+def served_block_size(cfg: PipelineConfig) -> int | None:
     """The block size the exported model last trained at: the one it is served and evaluated
-    with (recorded in the export's lineage.json)."""
-    return next(u.block_size for u in reversed(units(cfg)) if u.block_size and not u.baseline)
+    with (recorded in the export's lineage.json); None for a pipeline with no block stage."""
+    trained = (u.block_size for u in reversed(units(cfg)) if u.block_size and not u.baseline)
+    return next(trained, None)
 
 
 def find_unit(cfg: PipelineConfig, name: str) -> Unit:
