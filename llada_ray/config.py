@@ -112,9 +112,9 @@ class TaskConfig(Strict):
         ["reverse", "shift", "sort", "upper"], min_length=1
     )
     add_digits: IntRange = Field((2, 2), description="digits of each addend")
-    sort_count: IntRange = Field((6, 8), description="how many numbers to sort")
+    sort_count: IntRange = Field((6, 9), description="how many numbers to sort")
     sort_max: PositiveInt = Field(9, description="numbers to sort are drawn from 0..sort_max")
-    word_length: IntRange = Field((6, 9), description="letters per word (reverse, shift, upper)")
+    word_length: IntRange = Field((3, 10), description="letters per word (reverse, shift, upper)")
     upper_words: IntRange = Field((1, 1), description="words to copy in upper case")
     heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
         0.1, description="share of the distinct questions kept for evaluation only"
