@@ -222,7 +222,7 @@ def main() -> None:
     run("dpo_t1.0", cached, Sampling(1.0, max_new_tokens=MAX_NEW))
     run("dpo_left_to_right", cached, Sampling(1.0, max_new_tokens=MAX_NEW, order="left_to_right"))
     # Forwards past an answer's end: a rule that accepts nothing past the predicted end.
-    for tau in TAUS:
+    for tau in (*TAUS, 1.0):
         run(f"dpo_t{tau}_eos_in_order", cached,
             Sampling(tau, max_new_tokens=MAX_NEW, eos_in_order=True))  # fmt: skip
     model, tok = dlm("sft")
@@ -242,7 +242,7 @@ def main() -> None:
         runs += [
             (f"ar_sft_compiled{suffix}",
              ARDecoder(ar_model, tok.eos_token_id, engine=compiled), greedy),
-            (f"dpo_t{final_tau}_compiled{suffix}",
+            (f"dpo_compiled{suffix}",
              BlockDecoder(model, tok.eos_token_id, block, engine=compiled), final_sampling),
         ]  # fmt: skip
     speed = fastest(runs, tok, examples)
@@ -251,16 +251,16 @@ def main() -> None:
     final_row = results[f"dpo_t{final_tau}"]
     cap_tau = op["cap"] if op["cap"] is not None else most_accurate(results, "cap")
     cap_row, sft_same = results[f"cap_t{cap_tau}"], results[f"cap_equal_steps_t{cap_tau}"]
-    speed_b1 = (results[f"dpo_t{final_tau}_compiled_b1"]["tokens_per_s"]
+    speed_b1 = (results["dpo_compiled_b1"]["tokens_per_s"]
                 / results["ar_sft_compiled_b1"]["tokens_per_s"])  # fmt: skip
-    speed_b16 = (results[f"dpo_t{final_tau}_compiled"]["tokens_per_s"]
+    speed_b16 = (results["dpo_compiled"]["tokens_per_s"]
                  / results["ar_sft_compiled"]["tokens_per_s"])  # fmt: skip
     cap_gain = cap_row["tokens_per_forward"] / sft_same["tokens_per_forward"] - 1
     cap_loss = sft_same["accuracy"] - cap_row["accuracy"]
     no_op = f"no τ within 1 pt of AR: the most accurate, τ {final_tau}"
     no_op = "" if op["dpo"] is not None else no_op
     # What one forward costs at batch 1 (tokens/s = TPF / seconds per forward).
-    ar_b1, b1 = results["ar_sft_compiled_b1"], results[f"dpo_t{final_tau}_compiled_b1"]
+    ar_b1, b1 = results["ar_sft_compiled_b1"], results["dpo_compiled_b1"]
     ms_ar = 1000 * ar_b1["seconds"] / ar_b1["forwards"]
     ms_bd = 1000 * b1["seconds"] / b1["forwards"]
     answer_tokens, spanning = spans(tok, examples, block)
@@ -314,6 +314,8 @@ def main() -> None:
             "batch": args.batch,
             "block_size": block,
             "served_threshold": served_tau,
+            "speed_threshold": final_tau,  # the dpo_compiled rows': operating point or best τ
+            "cap_threshold": cap_tau,  # CAP against SFT for CAP's steps
             "max_new_tokens": MAX_NEW,
             "taus": list(TAUS),
             "cpus": os.cpu_count(),
@@ -341,6 +343,7 @@ def main() -> None:
                 "DPO",
                 f"τ {served_tau}, nothing accepted past the predicted end",
             ),
+            ("dpo_t1.0_eos_in_order", "DPO", "τ 1.0, nothing accepted past the predicted end"),
         ],
         "operating_points": op,
         "step_ms_batch1": step_ms | {f"{k}_dynamic_path": v for k, v in DYNAMIC_PATH_MS.items()},

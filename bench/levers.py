@@ -130,7 +130,9 @@ def plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for run, style in (("merge", "o--"), ("dpo", "o-")):
         points = [(r["cpt_tokens"], r["accuracy"]) for r in curve if r["stage"] == run]
-        ax.plot(*zip(*points, strict=True), style, label=f"{run} (block decoding, τ)")
+        setup = report["setup"]
+        label = f"{run} (blocks of {setup['block_size']}, τ {setup['threshold']})"
+        ax.plot(*zip(*points, strict=True), style, label=label)
     ax.axhline(report["ar_parent"]["accuracy"], color="grey", linestyle="--", label="AR parent")
     ax.axhline(report["ar_sft"]["accuracy"], color="black", linestyle=":", label="AR baseline")
     ax.set_xscale("log", base=2)
