@@ -184,7 +184,7 @@ def serve_and_ask(
     kinds = ", ".join(f"{k} {v:.0%}" for k, v in per_task.items())
     print(f"\nserved model: exact match {scores['accuracy']:.1%} of {n} held-out questions "
           f"({kinds}); {figures['tokens_per_forward']:.2f} tokens per forward (τ {tau}, "
-          f"block {served_block_size(cfg)})")  # fmt: skip
+          f"block {figures['block_size']})")  # fmt: skip
     print(f"errors: {errors}")
     print(f"task settings: {figures['task_settings']}")
     print(f"question counts: {figures['question_counts']}")

@@ -51,7 +51,8 @@ class Generation:
     seconds: float = 0.0  # wall time from joining a batch until this request finished
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     # Block decoding: tokens decided after the answer's end (past an EOS committed later, to
-    # their left): forwards spent on what never reached the output.
+    # their left): work that never reached the output, a whole forward where nothing else was
+    # decided in it.
     discarded: int = 0
 
     @property
