@@ -37,7 +37,7 @@ from pathlib import Path
 
 import ray
 import torch
-from levers import levers, model_dir
+from levers import CONFIG, base_config, levers, model_dir
 
 from llada_ray.config import PipelineConfig, TaskSource, load_config
 from llada_ray.data import tasks
@@ -49,7 +49,6 @@ from llada_ray.pipeline.scheduler import run_pipeline
 from llada_ray.train.plan import served_block_size
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "configs" / "tiny.yaml"
 # The pipeline's evaluation settings: the same held-out questions, budget and length buckets.
 EVALUATION = load_config(CONFIG).evaluation
 EVAL_SEED, MAX_NEW = EVALUATION.seed, EVALUATION.max_new_tokens
@@ -182,7 +181,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     n = 64 if args.quick else EVALUATION.task_examples
 
-    cfg = load_config(CONFIG).anchored(ROOT)
+    cfg = base_config()
     models = trained(cfg)
     examples = tasks.examples(EVAL_SEED, 0, n, "heldout", cfg.data.task)
     print(f"questions: {tasks.counts(cfg.data, n)}", flush=True)

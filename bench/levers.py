@@ -40,11 +40,12 @@ from llada_ray.train.outputs import output_of, pipeline_root
 from llada_ray.train.plan import find_unit, served_block_size
 
 ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "tiny.yaml"
 POST = ("sft", "cap", "dpo")
 
 
 def base_config() -> PipelineConfig:
-    return load_config(ROOT / "configs" / "tiny.yaml").anchored(ROOT)
+    return load_config(CONFIG).anchored(ROOT)
 
 
 def stage(cfg: PipelineConfig, name: str) -> dict:
@@ -128,9 +129,9 @@ def plot(report: dict, path: Path) -> None:
     curve = sorted((r for r in report["rows"] if r["lever"].startswith("cpt_")),
                    key=lambda r: r["cpt_tokens"])  # fmt: skip
     fig, ax = plt.subplots(figsize=(6, 4))
+    setup = report["setup"]
     for run, style in (("merge", "o--"), ("dpo", "o-")):
         points = [(r["cpt_tokens"], r["accuracy"]) for r in curve if r["stage"] == run]
-        setup = report["setup"]
         label = f"{run} (blocks of {setup['block_size']}, τ {setup['threshold']})"
         ax.plot(*zip(*points, strict=True), style, label=label)
     ax.axhline(report["ar_parent"]["accuracy"], color="grey", linestyle="--", label="AR parent")

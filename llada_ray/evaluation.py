@@ -46,7 +46,6 @@ class TaskEval:
         """Every figure but the answers, as plain data (JSON, MLflow)."""
         out = {k: v for k, v in asdict(self).items() if k not in ("answers", "questions")}
         return out | {
-            "questions_count": len(self.answers),
             "tokens_per_forward": self.tokens_per_forward,
             "tokens_per_s": self.tokens_per_s,
         }

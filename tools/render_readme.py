@@ -40,10 +40,8 @@ FORMATS: dict[str, Callable[[float], str]] = {
     "int": lambda v: f"{v:,.0f}",
     "f1": lambda v: f"{v:.1f}",
     "f2": lambda v: f"{v:.2f}",
-    "f3": lambda v: f"{v:.3f}",
     "x1": lambda v: f"{v:.1f}×",
     "x2": lambda v: f"{v:.2f}×",
-    "min1": lambda v: f"{v / 60:.1f}",  # seconds → minutes
     "ms0": lambda v: f"{1000 * v:.0f}",  # seconds → milliseconds
     "bn2": lambda v: f"{v / 1e9:.2f} B",  # a count in billions
     "mn1": lambda v: f"{v / 1e6:.1f} M",  # a count in millions

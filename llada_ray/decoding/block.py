@@ -129,13 +129,13 @@ class BlockRun(Run):
         thresholds = torch.tensor([r.sampling.threshold for r in self.requests], device=device)
         min_accept = torch.tensor([r.sampling.min_accept for r in self.requests], device=device)
         eos = torch.tensor([not r.sampling.ignore_eos for r in self.requests], device=device)
-        ltr = torch.tensor([r.sampling.order == "left_to_right" for r in self.requests],
-                           device=device)  # fmt: skip
-        in_order = torch.tensor(
-            [r.sampling.eos_in_order and not r.sampling.ignore_eos for r in self.requests],
-            device=device,
-        )
-        any_ltr, any_in_order = ltr.any().item(), in_order.any().item()  # once per block
+        ltr_rows = [r.sampling.order == "left_to_right" for r in self.requests]
+        in_order_rows = [
+            r.sampling.eos_in_order and not r.sampling.ignore_eos for r in self.requests
+        ]
+        any_ltr, any_in_order = any(ltr_rows), any(in_order_rows)  # host lists: no device sync
+        ltr = torch.tensor(ltr_rows, device=device)
+        in_order = torch.tensor(in_order_rows, device=device)
         while True:
             open_, ends = d._open(self.blocks, given, wanted, eos)
             running = open_.any(-1)
