@@ -313,6 +313,21 @@ class DpoStage(TrainingStage):
     max_len: PositiveInt = 512
 
 
+class EditingConfig(Strict):
+    """LLaDA2.1's token editing in training (RECIPE.md §7): beside the masked (M2T) stream, an
+    editing (T2T) stream replaces a share of the visible answer tokens of the noised input with
+    random tokens and supervises the original token at every visible position, so the model
+    learns to spot a wrong token (and to keep a right one) wherever it may be."""
+
+    substitution_rate: Rate = Field(
+        0.1, description="share of the visible (unmasked) maskable tokens replaced at random"
+    )
+    loss_weight: PositiveFloat = Field(1.0, description="the T2T stream's weight beside M2T's")
+    stages: list[Literal["cpt", "sft", "cap"]] = Field(
+        ["cpt", "sft", "cap"], min_length=1, description="the stages that train both streams"
+    )
+
+
 class ArSftStage(TrainingStage):
     """The fair AR baseline: the AR parent (ar_pretrain's output, else model.source) fine-tuned
     with the next-token loss on the rows the sft stage trains on, for as many epochs: both sides
@@ -367,6 +382,29 @@ class DecodingConfig(Strict):
         description="keys and values of prompt blocks kept across requests (LRU), at most this "
         "many MiB; 0: no prefix cache",
     )
+    multi_block_edit: bool = Field(
+        False,
+        description="token editing revises the previous block too while the next one decodes "
+        "(every forward carries it: twice the queries); its cache entries are rewritten",
+    )
+
+
+class DecodeMode(Strict):
+    """Joint-threshold decoding (LLaDA2.1): unmask every masked position above `threshold`
+    (τ_mask); with `edit_threshold` (τ_edit) set, also replace every decoded answer token of the
+    block whose prediction differs from it with probability above τ_edit, then edit-only
+    forwards after a block's last mask until nothing changes or `max_post_edit_steps`."""
+
+    threshold: Rate
+    edit_threshold: Rate | None = None
+    max_post_edit_steps: Annotated[int, Field(ge=0)] = 16
+
+
+# Presets: Speed drafts at a low τ_mask and lets edits repair the draft; Quality is conservative.
+DEFAULT_MODES = {
+    "speed": DecodeMode(threshold=0.5, edit_threshold=0.5),
+    "quality": DecodeMode(threshold=0.9, edit_threshold=0.9),
+}
 
 
 class EvaluationConfig(Strict):
@@ -377,9 +415,24 @@ class EvaluationConfig(Strict):
     )
     seed: int = Field(99, description="a seed no data source uses")
     threshold: Rate = 0.9
+    mode: str | None = Field(
+        None, description="a preset of `modes` instead of `threshold` (token editing)"
+    )
+    modes: dict[str, DecodeMode] = Field(DEFAULT_MODES, description="decoding presets")
     max_new_tokens: PositiveInt = 32
     batch_size: PositiveInt = 16
     decoding: DecodingConfig = DecodingConfig()
+
+    @model_validator(mode="after")
+    def _mode_exists(self) -> EvaluationConfig:
+        if self.mode is not None and self.mode not in self.modes:
+            raise ValueError(f"mode {self.mode!r} is not one of the modes {sorted(self.modes)}")
+        return self
+
+    @property
+    def decode_mode(self) -> DecodeMode:
+        """The thresholds evaluation decodes with."""
+        return self.modes[self.mode] if self.mode else DecodeMode(threshold=self.threshold)
 
 
 class ScalingConfig(Strict):
@@ -419,6 +472,7 @@ class PipelineConfig(Strict):
     tracking: TrackingConfig = TrackingConfig()
     scaling: ScalingConfig = ScalingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    editing: EditingConfig | None = Field(None, description="train with token editing (T2T)")
 
     @field_validator("stages")
     @classmethod
@@ -472,7 +526,17 @@ class PipelineConfig(Strict):
                 "shift_labels: post-training and decoding use the unshifted LLaDA2 convention; "
                 "a shifted CPT model cannot feed sft / cap / dpo here"
             )
+        if self.editing is not None:
+            kinds = [s.stage for s in self.stages]
+            if missing := [k for k in self.editing.stages if k not in kinds]:
+                raise ValueError(f"editing.stages: {missing} not among the pipeline's stages")
+            if shifted and "cpt" in self.editing.stages:
+                raise ValueError("editing: the T2T stream reads unshifted logits (no shift_labels)")
         return self
+
+    def edits(self, stage: str) -> EditingConfig | None:
+        """The editing settings if `stage` trains the T2T stream."""
+        return self.editing if self.editing and stage in self.editing.stages else None
 
     def anchored(self, base: Path) -> PipelineConfig:
         """Relative local storage and sqlite paths made absolute against `base`: a job runs in
@@ -530,6 +594,10 @@ class ServeConfig(Strict):
         f"(lineage.json), else {LLADA2_BLOCK_SIZE} (LLaDA2's)",
     )
     threshold: Rate = Field(0.95, description="default τ (a request may set `threshold`)")
+    mode: str | None = Field(
+        None, description="default preset of `modes` (token editing); a request may set `mode`"
+    )
+    modes: dict[str, DecodeMode] = Field(DEFAULT_MODES, description="decoding presets")
     min_accept: PositiveInt = 1
     use_cache: bool = True
     decoding: DecodingConfig = DecodingConfig()
@@ -564,6 +632,8 @@ class ServeConfig(Strict):
             raise ValueError("max_ongoing_requests must be ≥ max_batch_size")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must be ≤ max_tokens_limit")
+        if self.mode is not None and self.mode not in self.modes:
+            raise ValueError(f"mode {self.mode!r} is not one of the modes {sorted(self.modes)}")
         return self
 
 

@@ -12,6 +12,7 @@ import json
 import time
 
 PIPELINE, PROGRESS = "[pipeline] ", "[progress] "
+STREAMS = ("m2t_loss", "t2t_loss")  # a run that trains two streams shows each
 
 
 def pipeline_line(text: str) -> str:
@@ -46,7 +47,9 @@ class RunProgress:
     def resumed(self, step: int, lost_worker: bool) -> None:
         print(progress_line(run=self.run, resumed_from=step, lost_worker=lost_worker), flush=True)
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    def update(self, step: int, figures: dict[str, float]) -> None:
+        """`figures`: the step's loss and tokens/s, and each stream's loss where a run trains
+        two (token editing: m2t_loss, t2t_loss)."""
         now = time.monotonic()
         if now - self.last < self.every_s and step < self.steps:
             return
@@ -56,8 +59,9 @@ class RunProgress:
             run=self.run,
             step=step,
             steps=self.steps,
-            loss=round(loss, 4),
-            tokens_per_s=round(tokens_per_s),
+            loss=round(figures["loss"], 4),
+            **{k: round(figures[k], 4) for k in STREAMS if k in figures},
+            tokens_per_s=round(figures["tokens_per_s"]),
             eta_s=round(per_step * (self.steps - step)),
         )
         print(line, flush=True)

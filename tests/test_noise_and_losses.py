@@ -10,6 +10,7 @@ import torch
 from llada_ray.diffusion.losses import (
     cap_confidence_loss,
     dpo_elbo_loss,
+    editing_loss,
     elbo_loss,
     masked_token_nll,
     sequence_elbo,
@@ -19,6 +20,7 @@ from llada_ray.diffusion.noise import (
     embedding_noise_std,
     forward_mask,
     sample_mask_rates,
+    substitute,
 )
 
 MASK = 99
@@ -126,3 +128,33 @@ def test_embedding_noise_decays_linearly_to_zero() -> None:
     assert embedding_noise_std(0, 100, 0.5) == 0.5
     assert embedding_noise_std(50, 100, 0.5) == pytest.approx(0.25)
     assert embedding_noise_std(100, 100, 0.5) == embedding_noise_std(7, 0, 0.5) == 0.0
+
+
+def test_substitution_replaces_only_visible_tokens_at_its_rate_never_with_the_mask() -> None:
+    gen = torch.Generator().manual_seed(6)
+    xt = torch.randint(0, 50, (2, 5000), generator=gen)
+    xt[:, :1000] = MASK  # masked positions are not visible
+    visible = xt != MASK
+    visible[:, 4000:] = False  # nor are prompts
+    out = substitute(xt, visible, 0.2, vocab_size=100, mask_id=MASK, generator=gen)
+    assert not out.substituted[~visible].any()
+    assert torch.equal(out.xt[~out.substituted], xt[~out.substituted])
+    assert (out.xt[out.substituted] != xt[out.substituted]).all()
+    assert (out.xt[out.substituted] != MASK).all() and out.xt.max() < 100
+    assert out.substituted[visible].float().mean().item() == pytest.approx(0.2 * 0.99, abs=0.02)
+
+
+def test_editing_loss_is_near_zero_for_an_oracle_and_large_for_a_copier() -> None:
+    gen = torch.Generator().manual_seed(7)
+    x0 = torch.randint(0, 50, (3, 200), generator=gen)
+    visible = torch.rand(x0.shape, generator=gen) < 0.6
+    edited = substitute(x0, visible, 0.1, vocab_size=50, mask_id=MASK, generator=gen)
+    oracle = torch.nn.functional.one_hot(x0, 100).float() * 30
+    copier = torch.nn.functional.one_hot(edited.xt, 100).float() * 30
+    good = editing_loss(oracle, x0, visible, edited.substituted)
+    bad = editing_loss(copier, x0, visible, edited.substituted)
+    assert good.loss < 1e-6 and good.substituted < 1e-6
+    assert bad.substituted == pytest.approx(30.0, rel=1e-4) and bad.kept < 1e-6
+    # Over every visible position: the share replaced times the cost of each.
+    share = edited.substituted.sum() / visible.sum()
+    assert bad.loss.item() == pytest.approx(30.0 * share.item(), rel=1e-4)

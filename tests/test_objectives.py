@@ -15,6 +15,7 @@ from llada_ray.config import (
     CapStage,
     CptStage,
     DpoStage,
+    EditingConfig,
     PipelineConfig,
     SftStage,
     TinyModelConfig,
@@ -25,7 +26,7 @@ from llada_ray.diffusion.masks import position_ids_for
 from llada_ray.model import DiffusionLM, build_tiny_model
 from llada_ray.model.adapter import block_diffusion_inputs, causal_inputs, stable_inputs
 from llada_ray.train.batches import RowStore, dpo_batch, micro_batch_index, packed_batch, sft_batch
-from llada_ray.train.objectives import cpt_loss, dpo_loss, sft_loss
+from llada_ray.train.objectives import Editing, cpt_loss, dpo_loss, sft_loss
 from llada_ray.train.plan import find_unit, learning_rate, total_steps, units
 
 L = 48
@@ -281,3 +282,59 @@ def test_resume_that_would_take_other_samples_is_refused_before_submitting(tmp_p
     with pytest.raises(RuntimeError, match="written with world_size 7 and this config has 2"):
         check_resumable(PipelineConfig.model_validate(deepspeed), fs, run_root, unit, "d1")
     assert run_path(run_root, unit).endswith("train/pretrain/ar_pretrain")
+
+
+def _reader(half: str, vocab: int):
+    """A model that reads its answer off its input: the clean half (an oracle that knows every
+    original token) or the noisy half (a copier of its corrupted input)."""
+
+    def model(input_ids, logits_for=None, **_):
+        n = logits_for or input_ids.shape[1]
+        ids = input_ids[:, n:] if half == "clean" else input_ids[:, :n]
+        return torch.nn.functional.one_hot(ids, vocab).float() * 30
+
+    return model
+
+
+def test_editing_stream_is_near_zero_for_an_oracle_and_large_for_a_copier(dlm, tiny_tokenizer):
+    """Both objectives that train editing (SFT/CAP and CPT), on their real batches."""
+    vocab, mask = len(tiny_tokenizer), dlm.mask_token_id
+    editing = Editing(EditingConfig(substitution_rate=0.3, loss_weight=0.5), vocab, mask)
+    sft = sft_batch(_chat_rows(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    packed = packed_batch(_rows(tiny_tokenizer))
+    stage = CptStage(phases=[{"name": "b", "block_size": 16, "tokens": 1, "lr": 1.0}])
+
+    def losses(model) -> list[dict[str, float]]:
+        sft_out = sft_loss(model, sft, SftStage(block_size=16), mask, _gen(4), editing)
+        cpt_out = cpt_loss(
+            model, packed, stage, 16, mask, _gen(4), restart_positions=True, editing=editing
+        )
+        return [sft_out.metrics, cpt_out.metrics]
+
+    for oracle, copier in zip(losses(_reader("clean", vocab)), losses(_reader("copy", vocab)),
+                              strict=True):  # fmt: skip
+        assert oracle["t2t_loss"] < 1e-6 and oracle["t2t_substituted_loss"] < 1e-6
+        assert copier["t2t_substituted_loss"] == pytest.approx(30.0, rel=1e-4)
+        assert copier["t2t_loss"] == pytest.approx(30.0 * copier["substituted_ratio"], rel=1e-4)
+        assert 0.1 < copier["substituted_ratio"] < 0.5  # 0.3 of a few dozen tokens
+        assert copier["loss"] == pytest.approx(copier["m2t_loss"] + 0.5 * copier["t2t_loss"])
+
+
+def test_editing_keeps_complementary_masks_and_reports_both_streams(dlm, tiny_tokenizer):
+    batch = sft_batch(_chat_rows(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    editing = Editing(EditingConfig(), len(tiny_tokenizer), dlm.mask_token_id)
+    with torch.no_grad():
+        plain = sft_loss(dlm, batch, SftStage(block_size=16), dlm.mask_token_id, _gen(4))
+        mixed = sft_loss(dlm, batch, SftStage(block_size=16), dlm.mask_token_id, _gen(4), editing)
+    # The same masks (drawn first): every response token is masked exactly once per pair.
+    assert mixed.metrics["masked_ratio"] == plain.metrics["masked_ratio"] == pytest.approx(0.5)
+    # The masked stream now reads an input with replaced tokens: its loss moves.
+    assert mixed.metrics["m2t_loss"] != pytest.approx(plain.metrics["elbo"], rel=1e-6)
+    assert mixed.metrics["t2t_loss"] > 0
+    assert mixed.loss.item() == pytest.approx(
+        mixed.metrics["m2t_loss"] + mixed.metrics["t2t_loss"], rel=1e-6
+    )
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

@@ -89,8 +89,9 @@ class Console:
             return
         done = p["step"] / p["steps"]
         bar = "█" * round(20 * done) + "░" * (20 - round(20 * done))
+        streams = f" (M2T {p['m2t_loss']:.3f}, T2T {p['t2t_loss']:.3f})" if "t2t_loss" in p else ""
         line = (
-            f"{p['run']:<16} {bar} {p['step']}/{p['steps']}  loss {p['loss']:.3f}  "
+            f"{p['run']:<16} {bar} {p['step']}/{p['steps']}  loss {p['loss']:.3f}{streams}  "
             f"{p['tokens_per_s'] / 1000:.1f}k tok/s  ETA {p['eta_s']} s"
         )
         if self.live:

@@ -85,9 +85,14 @@ class CachedBatch:
                             torch.cat([has, nothing]))  # fmt: skip
         return restored
 
-    def commit(self, ids: torch.Tensor, index: torch.Tensor) -> None:
-        """Clean tokens right after each row's context, written by the next forward."""
-        self.pending = (ids, index, torch.ones(len(ids), dtype=torch.bool, device=self.device))
+    def commit(
+        self, ids: torch.Tensor, index: torch.Tensor, has: torch.Tensor | None = None
+    ) -> None:
+        """Clean tokens right after each row's context (of the rows `has` says, default all),
+        written by the next forward."""
+        if has is None:
+            has = torch.ones(len(ids), dtype=torch.bool, device=self.device)
+        self.pending = (ids, index, has)
 
     def forward(
         self,
@@ -95,22 +100,32 @@ class CachedBatch:
         index: torch.Tensor,
         block_size: int,
         *,
-        clean: bool,
+        clean: bool | torch.Tensor,
+        present: torch.Tensor | None = None,
         keep: bool = False,
     ) -> torch.Tensor:
         """Logits [R, n, V] of `ids` at positions `index` (a run per row that starts where the
-        context, pending tokens included, ends)."""
+        context, pending tokens included, ends), clean or noisy (per position, or all).
+
+        `present` [R, n] False marks queries a row does not have (their logits are not read):
+        the caller gives them a copy of one of the row's noisy queries, its token, position and
+        flag, which here writes the same keys and values to the same cache column twice."""
         n = ids.shape[1]
-        flags = torch.full_like(ids, clean, dtype=torch.bool)
+        flags = (
+            clean
+            if isinstance(clean, torch.Tensor)
+            else torch.full_like(ids, clean, dtype=torch.bool)
+        )
         committing = self.pending is not None
         if committing:  # after the queries: their logits are the first n
             p_ids, p_index, has = self.pending
-            # A row with nothing to commit repeats its (noisy) queries: the same keys and values
-            # written twice at the same positions, so the step's shape stays one for all rows.
-            p_ids = torch.where(has[:, None], p_ids, ids)
-            p_index = torch.where(has[:, None], p_index, index)
+            # A row with nothing to commit repeats its last (noisy) queries: the same keys and
+            # values written twice at the same positions, so the step's shape stays one for all.
+            k = p_ids.shape[1]
+            p_ids = torch.where(has[:, None], p_ids, ids[:, -k:])
+            p_index = torch.where(has[:, None], p_index, index[:, -k:])
             ids, index = torch.cat([ids, p_ids], 1), torch.cat([index, p_index], 1)
-            flags = torch.cat([flags, has[:, None].expand_as(p_ids) | flags], 1)
+            flags = torch.cat([flags, has[:, None] | flags[:, -k:]], 1)
             self.pending = None
         end = int(index.max()) + 1
         logits = self.engine.step(ids, index, flags, self.context, block_size, n, end)
@@ -148,8 +163,12 @@ class RecomputeBatch:
         )
         return [0] * len(prompts)
 
-    def commit(self, ids: torch.Tensor, index: torch.Tensor) -> None:
+    def commit(
+        self, ids: torch.Tensor, index: torch.Tensor, has: torch.Tensor | None = None
+    ) -> None:
         doc = torch.full_like(ids, REAL_DOC)
+        if has is not None:  # rows with nothing to commit add padding (no one attends to it)
+            doc = torch.where(has[:, None], doc, PAD_DOC)
         self.context = tuple(
             torch.cat([c, x], 1) for c, x in zip(self.context, (ids, index, doc), strict=True)
         )
@@ -160,13 +179,21 @@ class RecomputeBatch:
         index: torch.Tensor,
         block_size: int,
         *,
-        clean: bool,
+        clean: bool | torch.Tensor,
+        present: torch.Tensor | None = None,
         keep: bool = False,
     ) -> torch.Tensor:
         ctx_ids, ctx_index, ctx_doc = self.context
         doc = torch.full_like(ids, REAL_DOC)
+        if present is not None:  # absent queries are padding: no real token sees them
+            doc = torch.where(present, doc, PAD_DOC)
+        flags = (
+            clean
+            if isinstance(clean, torch.Tensor)
+            else torch.full_like(ids, clean, dtype=torch.bool)
+        )
         keys = Tokens(ctx_index, torch.ones_like(ctx_ids, dtype=torch.bool), ctx_doc).cat(
-            Tokens(index, torch.full_like(ids, clean, dtype=torch.bool), doc)
+            Tokens(index, flags, doc)
         )
         inputs = torch.cat([ctx_ids, ids], 1)
         logits = self.dlm(inputs, AttentionLayout(keys, keys, block_size), keys.index)

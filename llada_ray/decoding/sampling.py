@@ -27,6 +27,12 @@ class Sampling:
     # forward is paid for text past where the model believes the answer ends. It takes
     # precedence over min_accept (at least one position is always accepted).
     eos_in_order: bool = False
+    # Token editing (LLaDA2.1, block decoding): τ_edit, or None for none. Each forward also
+    # replaces every decided answer token of the block whose prediction differs from it with
+    # probability above τ_edit; a block is final once an edit-only forward (no mask left)
+    # changes nothing, or after `max_post_edit_steps` of them.
+    edit_threshold: float | None = None
+    max_post_edit_steps: int = 16
 
     def __post_init__(self) -> None:
         # A bad setting would loop forever (min_accept 0) or divide by zero: refuse it here.
@@ -38,6 +44,14 @@ class Sampling:
             raise ValueError(f"bad sampling settings: {self}")
         if self.order not in ("confidence", "left_to_right"):
             raise ValueError(f"bad sampling settings: {self}")
+        if self.edit_threshold is not None and not 0 < self.edit_threshold <= 1:
+            raise ValueError(f"bad sampling settings: {self}")
+        if self.max_post_edit_steps < 0:
+            raise ValueError(f"bad sampling settings: {self}")
+
+    @property
+    def edits(self) -> bool:
+        return self.edit_threshold is not None
 
 
 @dataclass
@@ -54,6 +68,10 @@ class Generation:
     # their left): work that never reached the output, a whole forward where nothing else was
     # decided in it.
     discarded: int = 0
+    # Token editing: decided tokens replaced by a later forward, and per block (in order) the
+    # edit-only forwards it took after its last mask (the confirming one included).
+    edits: int = 0
+    post_edit_forwards: list[int] = field(default_factory=list)
 
     @property
     def done(self) -> bool:

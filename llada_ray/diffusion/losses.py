@@ -82,6 +82,29 @@ def cap_confidence_loss(
     return (entropy * correct).sum() / correct.sum().clamp(min=1)
 
 
+@dataclass(frozen=True)
+class EditLoss:
+    loss: torch.Tensor  # scalar: mean cross-entropy over the visible positions
+    substituted: torch.Tensor  # scalar: mean cross-entropy where a token was replaced
+    kept: torch.Tensor  # scalar: mean cross-entropy where the visible token is the original
+
+
+def editing_loss(
+    logits: torch.Tensor, targets: torch.Tensor, visible: torch.Tensor, substituted: torch.Tensor
+) -> EditLoss:
+    """The T2T stream: the original token at every visible (unmasked) position of the noised
+    input, replaced or not. Supervising only the replaced ones would reward never predicting the
+    token in the input, which a decoder then "edits" everywhere; the kept positions teach it to
+    leave a right token alone. The model cannot tell which is which but from context."""
+    nll = masked_token_nll(logits, targets, visible)
+    kept = visible & ~substituted
+    return EditLoss(
+        nll.sum() / visible.sum().clamp(min=1),
+        (nll * substituted).sum() / substituted.sum().clamp(min=1),
+        (nll * kept).sum() / kept.sum().clamp(min=1),
+    )
+
+
 def sequence_elbo(
     logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor, t: torch.Tensor
 ) -> torch.Tensor:

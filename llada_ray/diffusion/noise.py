@@ -80,6 +80,32 @@ def complementary_pairs(
     return Noised(torch.where(pairs_masked, mask_id, x0_pairs), pairs_masked, t_pairs)
 
 
+@dataclass(frozen=True)
+class Substituted:
+    """An editing-stream input: xt with some visible tokens replaced, and where."""
+
+    xt: torch.Tensor
+    substituted: torch.Tensor
+
+
+def substitute(
+    xt: torch.Tensor,
+    visible: torch.Tensor,
+    rate: float,
+    vocab_size: int,
+    mask_id: int,
+    generator: torch.Generator | None = None,
+) -> Substituted:
+    """LLaDA2.1's T2T corruption: each `visible` token of xt [batch, L] becomes, with
+    probability `rate`, a token drawn uniformly from the vocabulary other than the mask token
+    (a draw equal to the token it replaces changes nothing and is not counted)."""
+    draw = torch.rand(xt.shape, generator=generator, device=xt.device)
+    pick = torch.randint(vocab_size - 1, xt.shape, generator=generator, device=xt.device)
+    random_tokens = pick + (pick >= mask_id).long()  # skips the mask id
+    substituted = (draw < rate) & visible & (random_tokens != xt)
+    return Substituted(torch.where(substituted, random_tokens, xt), substituted)
+
+
 def embedding_noise_std(step: int, steps: int, base_std: float) -> float:
     """σ of the masked-embedding noise at `step`: base_std decayed linearly to 0 over `steps`.
 

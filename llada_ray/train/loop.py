@@ -206,6 +206,7 @@ def _train(
         engine.dlm.mask_token_id,
         w.tokenizer.pad_token_id,
         w.tokenizer.eos_token_id,
+        vocab_size=len(w.tokenizer),
         reference=reference,
         embed_noise=lambda s: embedding_noise_std(s, noise_steps, pos.embed_noise_std),
         device=device,
@@ -283,7 +284,7 @@ def _train(
             figures |= {f"val_{k}": v for k, v in validate().items()}
         metrics_log.log(figures, pos.step)
         if progress:
-            progress.update(pos.step, figures["loss"], figures["tokens_per_s"])
+            progress.update(pos.step, figures)
         if at_checkpoint:
             score = 1e12 + phase if pos.step == steps else phase * 1e6 - figures["val_loss"]
             _save(engine, w.tokenizer, pos, figures, unit, cfg, steps, identity, score, rank, world)

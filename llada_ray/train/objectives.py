@@ -17,18 +17,26 @@ from llada_ray.config import (
     CapStage,
     CptStage,
     DpoStage,
+    EditingConfig,
     PipelineConfig,
     SftStage,
 )
 from llada_ray.diffusion.losses import (
     cap_confidence_loss,
     dpo_elbo_loss,
+    editing_loss,
     elbo_loss,
     masked_token_nll,
     sequence_elbo,
 )
 from llada_ray.diffusion.masks import position_ids_for
-from llada_ray.diffusion.noise import complementary_pairs, forward_mask, sample_mask_rates
+from llada_ray.diffusion.noise import (
+    Substituted,
+    complementary_pairs,
+    forward_mask,
+    sample_mask_rates,
+    substitute,
+)
 from llada_ray.model.adapter import block_diffusion_inputs, causal_inputs, stable_inputs
 from llada_ray.train.batches import ChatBatch, PackedBatch, dpo_batch, packed_batch, sft_batch
 from llada_ray.train.plan import Unit
@@ -41,6 +49,42 @@ class StepLoss:
     loss: torch.Tensor  # scalar to minimise
     metrics: dict[str, float]  # detached figures for logging (summed over ranks as means)
     tokens: int  # real tokens in the micro-batch (throughput)
+
+
+@dataclass(frozen=True)
+class Editing:
+    """A run's T2T stream: the settings and the vocabulary substitutions are drawn from."""
+
+    config: EditingConfig
+    vocab_size: int
+    mask_id: int
+
+    def corrupt(
+        self, xt: torch.Tensor, masked: torch.Tensor, maskable: torch.Tensor, gen: torch.Generator
+    ) -> Substituted:
+        """The masked stream's input with a share of its visible maskable tokens replaced."""
+        visible = maskable & ~masked
+        rate = self.config.substitution_rate
+        return substitute(xt, visible, rate, self.vocab_size, self.mask_id, gen)
+
+    def add_loss(
+        self,
+        m2t: torch.Tensor,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        visible: torch.Tensor,
+        edited: Substituted,
+        metrics: dict[str, float],
+    ) -> torch.Tensor:
+        """M2T + weight · T2T, each stream reported on its own."""
+        t2t = editing_loss(logits, targets, visible, edited.substituted)
+        metrics |= {
+            "m2t_loss": m2t.item(),
+            "t2t_loss": t2t.loss.item(),
+            "t2t_substituted_loss": t2t.substituted.item(),
+            "substituted_ratio": (edited.substituted.sum() / visible.sum().clamp(min=1)).item(),
+        }
+        return m2t + self.config.loss_weight * t2t.loss
 
 
 def ar_loss(
@@ -84,6 +128,7 @@ def cpt_loss(
     *,
     restart_positions: bool,
     embed_noise_std: float = 0.0,
+    editing: Editing | None = None,
 ) -> StepLoss:
     """Block-diffusion ELBO at `block_size`; at block = L the stable phase (xt alone).
 
@@ -101,22 +146,27 @@ def cpt_loss(
         len(x0), t_min=stage.t_min, antithetic=stage.antithetic, generator=gen, device=x0.device
     )
     noised = forward_mask(x0, t, maskable, mask_id, gen)
+    xt = noised.xt
+    if editing is not None:  # config refuses editing with shift_labels
+        edited = editing.corrupt(xt, noised.masked, maskable, gen)
+        xt = edited.xt
     positions = position_ids_for(doc, restart_positions)
     if block_size == x0.shape[1]:
-        inputs = stable_inputs(noised.xt, doc, positions)
+        inputs = stable_inputs(xt, doc, positions)
     else:
-        inputs = block_diffusion_inputs(noised.xt, x0, doc, positions, block_size)
+        inputs = block_diffusion_inputs(xt, x0, doc, positions, block_size)
     logits = model(**inputs, embed_noise_std=embed_noise_std)
     targets, masked = x0, noised.masked
     if stage.shift_labels:
         logits, targets = logits[:, :-1], x0[:, 1:]
         masked, maskable = masked[:, 1:], maskable[:, 1:]
     elbo = elbo_loss(logits, targets, masked, t, maskable=maskable, weighting=stage.weighting)
-    metrics = {
-        "loss": elbo.loss.item(),
-        "masked_ratio": (masked.sum() / maskable.sum().clamp(min=1)).item(),
-    }
-    return StepLoss(elbo.loss, metrics, batch.tokens)
+    metrics = {"masked_ratio": (masked.sum() / maskable.sum().clamp(min=1)).item()}
+    loss = elbo.loss
+    if editing is not None:
+        loss = editing.add_loss(loss, logits, targets, maskable & ~masked, edited, metrics)
+    metrics["loss"] = loss.item()
+    return StepLoss(loss, metrics, batch.tokens)
 
 
 def sft_loss(
@@ -125,10 +175,12 @@ def sft_loss(
     stage: SftStage,
     mask_id: int,
     gen: torch.Generator,
+    editing: Editing | None = None,
 ) -> StepLoss:
     """Response-only BD ELBO with t in [t_min, t_max]; complementary pairs side by side.
 
-    For CAP, plus λ · the entropy of the masked predictions that are already right.
+    For CAP, plus λ · the entropy of the masked predictions that are already right. With
+    `editing`, plus the T2T stream on each row's visible response tokens.
     """
     x0, doc, maskable = batch.input_ids, batch.doc_ids, batch.maskable
     t = sample_mask_rates(
@@ -139,8 +191,12 @@ def sft_loss(
         x0, doc, maskable = (x.repeat_interleave(2, 0) for x in (x0, doc, maskable))
     else:
         noised = forward_mask(x0, t, maskable, mask_id, gen)
+    xt = noised.xt
+    if editing is not None:
+        edited = editing.corrupt(xt, noised.masked, maskable, gen)
+        xt = edited.xt
     positions = position_ids_for(doc, True)
-    logits = model(**block_diffusion_inputs(noised.xt, x0, doc, positions, stage.block_size))
+    logits = model(**block_diffusion_inputs(xt, x0, doc, positions, stage.block_size))
     elbo = elbo_loss(
         logits,
         x0,
@@ -159,6 +215,9 @@ def sft_loss(
         entropy = cap_confidence_loss(logits, x0, noised.masked)
         loss = loss + stage.cap_lambda * entropy
         metrics["cap_entropy"] = entropy.item()
+    if editing is not None:
+        visible = maskable & ~noised.masked
+        loss = editing.add_loss(loss, logits, x0, visible, edited, metrics)
     metrics["loss"] = loss.item()
     return StepLoss(loss, metrics, batch.tokens)
 
@@ -204,6 +263,7 @@ def objective_for(
     pad_id: int,
     eos_id: int,
     *,
+    vocab_size: int,
     reference: Model | None = None,
     embed_noise: Callable[[int], float] = lambda step: 0.0,
     device: torch.device | str = "cpu",
@@ -212,6 +272,8 @@ def objective_for(
     collated on the CPU and moved to `device` (the generator must live there too)."""
     restart = cfg.data.restart_positions
     stage = unit.stage
+    edit_config = cfg.edits(stage.stage)
+    editing = Editing(edit_config, vocab_size, mask_id) if edit_config else None
     if unit.objective == "ar":
         assert isinstance(stage, ArPretrainStage)
         completion_only = stage.loss_on == "completion"
@@ -232,6 +294,7 @@ def objective_for(
                 gen,
                 restart_positions=restart,
                 embed_noise_std=embed_noise(step),
+                editing=editing,
             )
 
         return cpt
@@ -242,7 +305,7 @@ def objective_for(
     if unit.objective in ("sft", "cap"):
         assert isinstance(stage, SftStage)
         return lambda model, rows, gen, step: sft_loss(
-            model, sft_batch(rows, pad_id).to(device), stage, mask_id, gen
+            model, sft_batch(rows, pad_id).to(device), stage, mask_id, gen, editing
         )
     if unit.objective == "dpo":
         assert isinstance(stage, DpoStage) and reference is not None
