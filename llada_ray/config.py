@@ -322,6 +322,11 @@ class EditingConfig(Strict):
     substitution_rate: Rate = Field(
         0.1, description="share of the visible (unmasked) maskable tokens replaced at random"
     )
+    substitution: Literal["uniform", "in_sequence"] = Field(
+        "uniform",
+        description="a replacement is drawn from the vocabulary (uniform), or is the token at a "
+        "random visible answer position of the same row (in_sequence: plausible mistakes)",
+    )
     loss_weight: PositiveFloat = Field(1.0, description="the T2T stream's weight beside M2T's")
     stages: list[Literal["cpt", "sft", "cap"]] = Field(
         ["cpt", "sft", "cap"], min_length=1, description="the stages that train both streams"

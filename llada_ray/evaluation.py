@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from llada_ray.data import tasks
 from llada_ray.data.chat import prompt_ids
 from llada_ray.decoding import Decoder, Sampling
+from llada_ray.decoding.sampling import repeated_ngrams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -31,6 +32,11 @@ class TaskEval:
     seconds: float
     batch_size: int
     errors: dict[str, int]  # questions per error class (tasks.error_class), "ok" included
+    repeated_3grams: int  # 3-grams of an answer seen earlier in it (EOS left out)
+    trigrams: int
+    edits: int  # token editing: decided tokens replaced
+    post_edit_forwards_mean: float  # token editing: edit-only forwards per block
+    post_edit_forwards_p99: float
     answers: list[str] = field(repr=False)
     questions: list[dict] = field(repr=False)  # per question: prompt, expected, answer, class
 
@@ -42,11 +48,16 @@ class TaskEval:
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
 
+    @property
+    def repeated_3gram_share(self) -> float:
+        return self.repeated_3grams / max(self.trigrams, 1)
+
     def summary(self) -> dict:
         """Every figure but the answers, as plain data (JSON, MLflow)."""
         out = {k: v for k, v in asdict(self).items() if k not in ("answers", "questions")}
         return out | {
             "tokens_per_forward": self.tokens_per_forward,
+            "repeated_3gram_share": self.repeated_3gram_share,
             "tokens_per_s": self.tokens_per_s,
         }
 
@@ -83,10 +94,13 @@ def evaluate(
             "tokens": len(g.tokens),
             "forwards": g.forwards,
             "discarded": g.discarded,
+            "edits": g.edits,
         }
         for ex, answer, g in zip(examples, answers, generated, strict=True)
     ]
     scores = tasks.score(examples, answers)
+    repeats = [repeated_ngrams(g.tokens, 3, tokenizer.eos_token_id) for g in generated]
+    post = sorted(n for g in generated for n in g.post_edit_forwards)
     return TaskEval(
         accuracy=scores["accuracy"],
         per_task={k.split("/")[1]: v for k, v in scores.items() if k.startswith("accuracy/")},
@@ -97,6 +111,11 @@ def evaluate(
         seconds=seconds,
         batch_size=decoder.options.max_batch,
         errors=tasks.error_counts(q["error"] for q in questions),
+        repeated_3grams=sum(r for r, _ in repeats),
+        trigrams=sum(n for _, n in repeats),
+        edits=sum(g.edits for g in generated),
+        post_edit_forwards_mean=sum(post) / max(len(post), 1),
+        post_edit_forwards_p99=float(post[min(len(post) - 1, int(0.99 * len(post)))] if post else 0),
         answers=answers,
         questions=questions,
     )

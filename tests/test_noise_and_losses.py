@@ -158,3 +158,18 @@ def test_editing_loss_is_near_zero_for_an_oracle_and_large_for_a_copier() -> Non
     # Over every visible position: the share replaced times the cost of each.
     share = edited.substituted.sum() / visible.sum()
     assert bad.loss.item() == pytest.approx(30.0 * share.item(), rel=1e-4)
+
+
+def test_in_sequence_substitution_draws_tokens_of_the_same_rows_visible_positions() -> None:
+    gen = torch.Generator().manual_seed(8)
+    xt = torch.stack([torch.randint(0, 10, (400,), generator=gen),
+                      torch.randint(50, 60, (400,), generator=gen)])  # fmt: skip
+    xt[:, ::3] = MASK
+    visible = xt != MASK
+    source = visible.clone()
+    source[:, 200:] = False  # only the first half's tokens may be drawn
+    out = substitute(xt, visible, 0.5, vocab_size=100, mask_id=MASK, generator=gen, source=source)
+    for row in range(2):
+        drawn = set(out.xt[row][out.substituted[row]].tolist())
+        assert drawn and drawn <= set(xt[row, :200][source[row, :200]].tolist())
+    assert not out.substituted[~visible].any() and (out.xt[out.substituted] != MASK).all()

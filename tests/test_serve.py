@@ -24,7 +24,7 @@ from schemathesis import Case, GenerationMode
 
 from llada_ray.config import ServeConfig, TinyModelConfig
 from llada_ray.model import build_tiny_model, save_model
-from llada_ray.serve.engine import TextEngine, trained_block_size
+from llada_ray.serve.engine import RequestError, TextEngine, trained_block_size
 from llada_ray.serve.loop import DecodeError, EngineLoop, LoopStats
 from llada_ray.serve.process import EngineProcess
 from tests import stack
@@ -237,6 +237,43 @@ def _stats(url: str) -> dict:
     return requests.get(f"{url}/stats", timeout=10).json()
 
 
+def test_token_editing_thresholds_come_from_the_mode_and_the_request(engine):
+    ids = engine.encode_text("x = 1")
+    speed, quality = engine.cfg.modes["speed"], engine.cfg.modes["quality"]
+    plain = engine.job(ids).sampling
+    assert (plain.threshold, plain.edit_threshold) == (0.9, None)  # the server's τ, no editing
+    s = engine.job(ids, mode="speed").sampling
+    assert (s.threshold, s.edit_threshold, s.max_post_edit_steps) == (
+        speed.threshold, speed.edit_threshold, speed.max_post_edit_steps)  # fmt: skip
+    s = engine.job(ids, mode="quality", edit_threshold=0.2, max_post_edit_steps=3).sampling
+    assert (s.threshold, s.edit_threshold, s.max_post_edit_steps) == (quality.threshold, 0.2, 3)
+    assert engine.job(ids, edit_threshold=0.4).sampling.edit_threshold == 0.4
+    with pytest.raises(RequestError, match="'turbo' is not one of"):
+        engine.job(ids, mode="turbo")
+
+
+def test_an_edited_stream_is_the_decoders_answer_and_stats_show_repetition(servers, engine):
+    open_url, _ = servers
+    prompt = "def parse(self, text):"
+    ids = engine.encode_text(prompt)
+    for extra in ({"mode": "speed"}, {"mode": "quality", "edit_threshold": 0.2,
+                                      "max_post_edit_steps": 3}):  # fmt: skip
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 24, "stream": True} | extra
+        with requests.post(f"{open_url}/v1/completions", data=json.dumps(body), headers=JSON,
+                           stream=True, timeout=60) as r:  # fmt: skip
+            events = [line[6:] for line in r.iter_lines(decode_unicode=True) if line]
+        chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+        text, reason, _ = _expected(engine, ids, max_tokens=24, **extra)
+        assert "".join(c["text"] for c in chunks) == text and chunks[-1]["finish_reason"] == reason
+        whole = _post(f"{open_url}/v1/completions", body | {"stream": False}).json()
+        assert whole["choices"][0]["text"] == text
+        assert 0 <= whole["decoding"]["repeated_3gram_share"] <= 1
+        assert whole["decoding"]["edits"] >= 0
+    loop = _stats(open_url)["loop"]
+    assert loop["finished"] >= 4 and loop["tokens_per_forward"] > 0
+    assert 0 <= loop["repeated_3gram_share"] <= 1
+
+
 def test_a_client_that_disconnects_frees_its_row(servers):
     """A stream of 1000 tokens, one per forward, dropped after its first event: the replica
     cancels the request and frees its row (the loop counts it cancelled, not finished)."""
@@ -290,6 +327,16 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "a", "top_p": 1.5}, 400, "top_p"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "mode": "turbo"}, 400, "mode"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "mode": 1}, 400, "mode"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "edit_threshold": 0}, 400,
+     "edit_threshold"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "edit_threshold": 1.5}, 400,
+     "edit_threshold"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "max_post_edit_steps": -1}, 400,
+     "max_post_edit_steps"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "max_post_edit_steps": 65}, 400,
+     "max_post_edit_steps"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]},

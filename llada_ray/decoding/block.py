@@ -10,12 +10,13 @@ decoding with it gives the tokens of decoding without it.
 
 Token editing (LLaDA2.1, a request's `edit_threshold`): the same forwards also replace decided
 answer tokens the model is sure are wrong, and a block is final only once an edit-only forward
-changes nothing (or after `max_post_edit_steps`). With `multi_block_edit` a step decodes a
-window of two blocks: the previous one, not final yet, rides along every forward as clean
-queries (its keys and values rewritten each time, so the cache stays exact however it changes;
-a clean block with no mask sees what the noisy copy training edits would) and may be edited
-while the next one decodes. A block reaches the output only when it is final, so nothing
-streamed is ever taken back.
+changes nothing (or after `max_post_edit_steps` of them). With `multi_block_edit` a step decodes
+a window of two blocks: a block moves on once its masks are gone, and while the next one
+decodes it rides along every forward as clean queries (its keys and values rewritten each time,
+so the cache stays exact however it changes; a clean block with no mask sees what the noisy
+copy training edits does), edited where the model is sure; it is final once a forward leaves
+it as it was. Its check costs no forward of its own, except in the block an answer ends in.
+A block reaches the output only when it is final, so nothing streamed is ever taken back.
 """
 
 from __future__ import annotations
@@ -187,12 +188,18 @@ class BlockRun(Run):
         post_cap = torch.tensor([s.max_post_edit_steps for s in samplings], device=device)
         post = torch.zeros_like(post_cap)  # edit-only forwards so far, per row
         quiet = torch.zeros_like(editing)  # the last was one, and it changed nothing
+        # Multi-block: the previous block is final once a forward left it as it was (its
+        # logits depend on nothing after it). A block only needs the last to be quiet when the
+        # answer ends in it; otherwise the next step checks it as the previous block.
+        prev_ok = ~self.has_prev
+        need_quiet = torch.ones_like(editing) if W == B else None
         edits = torch.zeros_like(post_cap)
         position = torch.arange(W, device=device)
         while True:
             open_, decided, ends = d._open(self.window, given, wanted, eos)
             masks_left = open_.any(-1)
-            running = masks_left | (editing & ~quiet & (post < post_cap))
+            checked = prev_ok & (quiet | ~(ends if need_quiet is None else need_quiet))
+            running = masks_left | (editing & ~checked & (post < post_cap))
             if (done := ~running & ends).any():  # complete: leave before the next forward
                 for w in done.nonzero().flatten().tolist():
                     self._record(w, int(edits[w]), int(post[w]))
@@ -203,9 +210,11 @@ class BlockRun(Run):
                     x[keep]
                     for x in (index, given, wanted, thresholds, min_accept, eos, ltr, in_order)
                 )
-                editing, edit_thresholds, post_cap, post, quiet, edits = (
-                    x[keep] for x in (editing, edit_thresholds, post_cap, post, quiet, edits)
+                editing, edit_thresholds, post_cap, post, quiet, prev_ok, edits = (
+                    x[keep]
+                    for x in (editing, edit_thresholds, post_cap, post, quiet, prev_ok, edits)
                 )
+                need_quiet = None if need_quiet is None else need_quiet[keep]
                 open_, decided, masks_left, running = (
                     x[keep] for x in (open_, decided, masks_left, running)
                 )
@@ -249,6 +258,8 @@ class BlockRun(Run):
                 edits += edit.sum(-1)
                 post += running & ~masks_left
                 quiet = torch.where(running, ~masks_left & ~edit.any(-1), quiet)
+                if W > B:
+                    prev_ok = torch.where(running, ~edit[:, : W - B].any(-1), prev_ok)
             self.window = torch.where(accept, candidates, self.window)
 
         final = W - B  # with multi-block editing only the previous block is final here

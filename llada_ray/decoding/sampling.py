@@ -86,6 +86,15 @@ class Generation:
         return len(self.tokens) / self.seconds if self.seconds else 0.0
 
 
+def repeated_ngrams(tokens: list[int], n: int = 3, ignore: int | None = None) -> tuple[int, int]:
+    """(repeats, n-grams) of one answer (`ignore`: a token left out, its EOS): the n-grams that
+    occurred earlier in it, and all of them. Their ratio is the stutter a low threshold can cause
+    (LLaDA2.1's Speed mode); it belongs beside every tokens-per-forward figure."""
+    tokens = [t for t in tokens if t != ignore]
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) - len(set(grams)), len(grams)
+
+
 def filtered(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     """Temperature, then top-k, then top-p (nucleus) on one request's logits [..., V]."""
     logits = logits / s.temperature

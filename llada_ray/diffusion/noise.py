@@ -95,13 +95,26 @@ def substitute(
     vocab_size: int,
     mask_id: int,
     generator: torch.Generator | None = None,
+    source: torch.Tensor | None = None,
 ) -> Substituted:
     """LLaDA2.1's T2T corruption: each `visible` token of xt [batch, L] becomes, with
-    probability `rate`, a token drawn uniformly from the vocabulary other than the mask token
-    (a draw equal to the token it replaces changes nothing and is not counted)."""
+    probability `rate`, a random token (a draw equal to the token it replaces changes nothing
+    and is not counted).
+
+    The draw is uniform over the vocabulary other than the mask token, or with `source`
+    [batch, L] (bool) the token at a uniformly drawn `source` position of the same row of xt:
+    a token that belongs in the text, the kind of mistake a decoder makes (a digit out of
+    place, an early EOS), where a random one from the whole vocabulary is mostly out of place
+    on its face and teaches little more than to spot it."""
     draw = torch.rand(xt.shape, generator=generator, device=xt.device)
-    pick = torch.randint(vocab_size - 1, xt.shape, generator=generator, device=xt.device)
-    random_tokens = pick + (pick >= mask_id).long()  # skips the mask id
+    if source is None:
+        pick = torch.randint(vocab_size - 1, xt.shape, generator=generator, device=xt.device)
+        random_tokens = pick + (pick >= mask_id).long()  # skips the mask id
+    else:
+        weights = source.float()
+        weights[weights.sum(-1) == 0] = 1.0  # a row with no source has nothing visible either
+        at = torch.multinomial(weights, xt.shape[1], replacement=True, generator=generator)
+        random_tokens = xt.gather(1, at)
     substituted = (draw < rate) & visible & (random_tokens != xt)
     return Substituted(torch.where(substituted, random_tokens, xt), substituted)
 

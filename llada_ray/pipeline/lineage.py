@@ -101,12 +101,14 @@ def finish(
             kinds = ", ".join(f"{k} {v:.0%}" for k, v in figures["per_task"].items())
             say(
                 f"{'':<16} {stage:<7} exact match {figures['accuracy']:.1%} ({kinds}), "
-                f"TPF {figures['tokens_per_forward']:.2f}"
+                f"TPF {figures['tokens_per_forward']:.2f}, "
+                f"repeated 3-grams {figures['repeated_3gram_share']:.1%}"
             )
             metrics = {
                 f"task_accuracy_{stage}": figures["accuracy"],
                 f"task_similarity_{stage}": figures["similarity"],
                 f"task_tpf_{stage}": figures["tokens_per_forward"],
+                f"task_repeated_3grams_{stage}": figures["repeated_3gram_share"],
             }
             metrics |= {f"task_accuracy_{stage}/{k}": v for k, v in figures["per_task"].items()}
             for key, value in metrics.items():
@@ -155,7 +157,7 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str]) -> dict[str, di
     ev = cfg.evaluation
     examples = tasks.examples(ev.seed, 0, ev.task_examples, "heldout", cfg.data.task)
     block = served_block_size(cfg)
-    sampling = Sampling(ev.threshold, max_new_tokens=ev.max_new_tokens)
+    sampling = Sampling(**ev.decode_mode.model_dump(), max_new_tokens=ev.max_new_tokens)
     out = {}
     for stage, path in models.items():
         fetched = checkpoint.fetch(fs, path)
@@ -173,7 +175,8 @@ def evaluate_models(cfg: PipelineConfig, models: dict[str, str]) -> dict[str, di
         if stage == "ar_sft":
             decoder: Decoder = ARDecoder(dlm, tok.eos_token_id, engine=engine)
         else:
-            decoder = BlockDecoder(dlm, tok.eos_token_id, block, engine=engine)
+            decoder = BlockDecoder(dlm, tok.eos_token_id, block, engine=engine,
+                                   multi_block_edit=ev.decoding.multi_block_edit)  # fmt: skip
         result = evaluate(decoder, tok, examples, sampling)
         out[stage] = result.summary() | {"settings": tasks.describe(cfg.data.task)}
     return out

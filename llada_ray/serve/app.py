@@ -107,9 +107,12 @@ def _sse(payload: dict | str) -> str:
 def _decoding(finals: list[Update]) -> dict:
     """Our extension to `usage`: how the tokens were decoded."""
     tokens, forwards = sum(u.completion_tokens for u in finals), sum(u.forwards for u in finals)
+    repeated, trigrams = sum(u.repeated_3grams for u in finals), sum(u.trigrams for u in finals)
     return {
         "forwards": forwards,
         "tokens_per_forward": round(tokens / max(forwards, 1), 3),
+        "repeated_3gram_share": round(repeated / max(trigrams, 1), 4),
+        "edits": sum(u.edits for u in finals),
         "seconds": round(max((u.seconds for u in finals), default=0.0), 4),
     }
 
@@ -148,6 +151,9 @@ class LLaDAServer:
                         top_p=body.top_p,
                         top_k=body.top_k,
                         threshold=body.threshold,
+                        mode=body.mode,
+                        edit_threshold=body.edit_threshold,
+                        max_post_edit_steps=body.max_post_edit_steps,
                         min_accept=body.min_accept,
                         seed=seed,
                         stop=body.stops,

@@ -15,11 +15,12 @@ import pyarrow.fs as pafs
 import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
-from llada_ray.config import LLADA2_BLOCK_SIZE, ServeConfig
+from llada_ray.config import LLADA2_BLOCK_SIZE, DecodeMode, ServeConfig
 from llada_ray.data.chat import prompt_ids
 from llada_ray.decoding import ARDecoder, BlockDecoder, Decoder, EngineOptions, Sampling
 from llada_ray.decoding.batch import ContextLimit, Request
 from llada_ray.decoding.prefix import PrefixStats
+from llada_ray.decoding.sampling import repeated_ngrams
 from llada_ray.model import DiffusionLM, load_model
 from llada_ray.model.io import MODEL_FILES, load_tokenizer
 from llada_ray.storage import filesystem_for
@@ -58,6 +59,9 @@ class Update:
     cached_tokens: int  # prompt tokens the prefix cache held
     forwards: int
     seconds: float
+    repeated_3grams: int = 0  # of the answer so far (EOS left out)
+    trigrams: int = 0
+    edits: int = 0  # token editing: decided tokens replaced
 
 
 @dataclass
@@ -141,7 +145,8 @@ class TextEngine:
         )
         length = min(cfg.max_length, dlm.hf.config.max_position_embeddings)
         decoder: Decoder = (
-            BlockDecoder(dlm, eos, block_size, cfg.use_cache, length, engine)
+            BlockDecoder(dlm, eos, block_size, cfg.use_cache, length, engine,
+                         cfg.decoding.multi_block_edit)  # fmt: skip
             if cfg.decoder == "block"
             else ARDecoder(dlm, eos, cfg.use_cache, length, engine)
         )
@@ -179,13 +184,27 @@ class TextEngine:
         top_p: float | None = None,
         top_k: int | None = None,
         threshold: float | None = None,
+        mode: str | None = None,
+        edit_threshold: float | None = None,
+        max_post_edit_steps: int | None = None,
         min_accept: int | None = None,
         seed: int | None = None,
         stop: tuple[str, ...] = (),
         ignore_eos: bool = False,
     ) -> Job:
-        """A Job, or a RequestError naming the parameter that is out of bounds."""
+        """A Job, or a RequestError naming the parameter that is out of bounds.
+
+        Thresholds: the request's `mode` (else the server's) gives τ_mask, τ_edit and the
+        post-edit cap, and `threshold`, `edit_threshold`, `max_post_edit_steps` override each;
+        with no mode, `threshold` or the server's and no editing unless `edit_threshold`."""
         cfg = self.cfg
+        mode = mode or cfg.mode
+        if mode is not None and mode not in cfg.modes:
+            raise RequestError(f"mode {mode!r} is not one of {sorted(cfg.modes)}", "mode")
+        preset = cfg.modes[mode] if mode else DecodeMode(threshold=cfg.threshold)
+        given = {"threshold": threshold, "edit_threshold": edit_threshold,
+                 "max_post_edit_steps": max_post_edit_steps}  # fmt: skip
+        thresholds = preset.model_dump() | {k: v for k, v in given.items() if v is not None}
         max_tokens = cfg.default_max_tokens if max_tokens is None else max_tokens
         if max_tokens > cfg.max_tokens_limit:
             raise RequestError(
@@ -202,7 +221,7 @@ class TextEngine:
             raise RequestError(f"top_k {top_k} exceeds the vocabulary", "top_k")
         temperature = cfg.temperature if temperature is None else temperature
         sampling = Sampling(
-            threshold=cfg.threshold if threshold is None else threshold,
+            **thresholds,
             min_accept=cfg.min_accept if min_accept is None else min_accept,
             max_new_tokens=max_tokens,
             # Below this, logits / T overflows to inf: such a request means greedy.
@@ -242,6 +261,7 @@ class TextEngine:
         end = max(end, p.sent)
         delta, p.sent = text[p.sent : end], end
         p.updates += 1
+        repeated, trigrams = repeated_ngrams(g.tokens[:tokens], 3, self.tokenizer.eos_token_id)
         return Update(
             delta,
             g.finish_reason,
@@ -250,6 +270,9 @@ class TextEngine:
             g.cached_tokens,
             g.forwards,
             g.seconds,
+            repeated,
+            trigrams,
+            g.edits,
         )
 
     def _text(self, tokens: list[int]) -> str:

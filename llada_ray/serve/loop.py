@@ -126,6 +126,10 @@ class LoopStats:
     cancelled: int = 0
     failed: int = 0
     tokens: int = 0
+    forwards: int = 0  # summed over finished requests
+    repeated_3grams: int = 0  # 3-grams of finished answers seen earlier in the same answer
+    trigrams: int = 0
+    edits: int = 0  # token editing: decided tokens replaced
     queue_wait_s: float = 0.0  # summed over admitted requests
     first_block_s: float = 0.0  # summed over requests that got a first update
 
@@ -140,9 +144,15 @@ class LoopStats:
     def observe_first_block(self, seconds: float) -> None:
         self.first_block_s += seconds
 
-    def observe_finished(self, tokens: int, seconds: float) -> None:
+    def observe_finished(
+        self, tokens: int, seconds: float, forwards: int, repeated: int, trigrams: int, edits: int
+    ) -> None:
         self.finished += 1
         self.tokens += tokens
+        self.forwards += forwards
+        self.repeated_3grams += repeated
+        self.trigrams += trigrams
+        self.edits += edits
 
     def observe_cancelled(self) -> None:
         self.cancelled += 1
@@ -169,6 +179,9 @@ class LoopStats:
             "cancelled": self.cancelled,
             "failed": self.failed,
             "tokens": self.tokens,
+            "tokens_per_forward": round(self.tokens / max(self.forwards, 1), 3),
+            "repeated_3gram_share": round(self.repeated_3grams / max(self.trigrams, 1), 4),
+            "edits": self.edits,
             "mean_queue_wait_s": round(self.queue_wait_s / max(self.admitted, 1), 5),
             "mean_time_to_first_block_s": round(self.first_block_s / max(self.admitted, 1), 5),
         }
@@ -274,11 +287,14 @@ class EngineLoop:
                     self._end(entry, items)
                     continue
                 first = entry.progress.updates == 0
-                items.append((entry.key, self.engine.update(entry.job, entry.progress)))
+                update = self.engine.update(entry.job, entry.progress)
+                items.append((entry.key, update))
                 if first:
                     self._observe("first_block", now - entry.submitted)
                 if request.out.done:
-                    self._observe("finished", len(request.out.tokens), request.out.seconds)
+                    out = request.out
+                    self._observe("finished", len(out.tokens), out.seconds, out.forwards,
+                                  update.repeated_3grams, update.trigrams, out.edits)  # fmt: skip
                     self._end(entry, items)
                 else:
                     still.append(entry)

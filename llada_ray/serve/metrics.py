@@ -54,8 +54,10 @@ class ServeMetrics(LoopStats):
         super().observe_first_block(seconds)
         self.first_block.observe(seconds)
 
-    def observe_finished(self, tokens: int, seconds: float) -> None:
-        super().observe_finished(tokens, seconds)
+    def observe_finished(
+        self, tokens: int, seconds: float, forwards: int, repeated: int, trigrams: int, edits: int
+    ) -> None:
+        super().observe_finished(tokens, seconds, forwards, repeated, trigrams, edits)
         self.tokens_out.inc(tokens)
         if seconds > 0:
             self.request_speed.observe(tokens / seconds)

@@ -1,7 +1,9 @@
 """The OpenAI request shapes we accept, validated strictly: a wrong type is an error, not a cast.
 
 Unknown fields are ignored (clients send many); `threshold`, `min_accept`, `top_k` and
-`ignore_eos` (as in vLLM: decode max_tokens whatever comes, for benchmarks) are our extensions.
+`ignore_eos` (as in vLLM: decode max_tokens whatever comes, for benchmarks) are our extensions,
+and so are token editing's (LLaDA2.1): `mode` (a preset of the server's, e.g. "speed" or
+"quality"), `edit_threshold` (τ_edit) and `max_post_edit_steps`.
 Bounds that depend on the deployment (context, max_tokens limit) are checked by the engine.
 """
 
@@ -29,6 +31,9 @@ class _Generate(_Strict):
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=1)] | None = None
     threshold: Annotated[float, Field(gt=0, le=1)] | None = None
+    mode: Annotated[str, Field(min_length=1)] | None = None
+    edit_threshold: Annotated[float, Field(gt=0, le=1)] | None = None
+    max_post_edit_steps: Annotated[int, Field(ge=0, le=64)] | None = None
     min_accept: Annotated[int, Field(ge=1)] | None = None
     ignore_eos: bool = False
     n: Annotated[int, Field(ge=1, le=16)] = 1

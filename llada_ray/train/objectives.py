@@ -65,7 +65,8 @@ class Editing:
         """The masked stream's input with a share of its visible maskable tokens replaced."""
         visible = maskable & ~masked
         rate = self.config.substitution_rate
-        return substitute(xt, visible, rate, self.vocab_size, self.mask_id, gen)
+        source = maskable & ~masked if self.config.substitution == "in_sequence" else None
+        return substitute(xt, visible, rate, self.vocab_size, self.mask_id, gen, source)
 
     def add_loss(
         self,
