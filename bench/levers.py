@@ -35,6 +35,7 @@ from llada_ray.data.chat import sft_row
 from llada_ray.data.corpus import task_examples
 from llada_ray.model.io import load_tokenizer
 from llada_ray.pipeline import manifests
+from llada_ray.pipeline.lineage import EVALUATED, evaluate_models
 from llada_ray.pipeline.scheduler import run_pipeline
 from llada_ray.train.outputs import output_of, pipeline_root
 from llada_ray.train.plan import find_unit, served_block_size
@@ -87,9 +88,13 @@ def levers(base: PipelineConfig) -> dict[str, PipelineConfig]:
 
 
 def accuracy(cfg: PipelineConfig) -> dict[str, dict]:
-    """The pipeline's evaluation of each stage (its export's summary)."""
+    """Each evaluated stage's model, evaluated as the pipeline does it (its function, run
+    again here, so every figure the loop has now is in the rows); KeyError if not trained."""
     fs, root = pipeline_root(cfg)
-    return manifests.read_all(fs, root)["export"]["summary"]["task_accuracy"]
+    committed = manifests.read_all(fs, root)
+    if "export" not in committed:  # a pipeline that has not finished is not a row
+        raise KeyError(f"{cfg.name} has not finished")
+    return evaluate_models(cfg, {s: committed[s]["output"] for s in EVALUATED if s in committed})
 
 
 def cpt_tokens(cfg: PipelineConfig) -> int:
@@ -112,7 +117,8 @@ def eos_padding_share(cfg: PipelineConfig, block_size: int) -> float:
 
 def rows(name: str, tokens: int, acc: dict[str, dict]) -> list[dict]:
     """One row per evaluated stage of a variant whose conversion had `tokens` CPT tokens."""
-    keep = ("accuracy", "per_task", "tokens_per_forward", "errors", "discarded")
+    keep = ("accuracy", "per_task", "tokens_per_forward", "repeated_3gram_share", "errors",
+            "discarded")  # fmt: skip
     return [
         {"lever": name, "stage": run, "cpt_tokens": tokens} | {k: acc[run][k] for k in keep}
         for run in ("merge", *POST)

@@ -115,7 +115,7 @@ def evaluate(
         trigrams=sum(n for _, n in repeats),
         edits=sum(g.edits for g in generated),
         post_edit_forwards_mean=sum(post) / max(len(post), 1),
-        post_edit_forwards_p99=float(post[min(len(post) - 1, int(0.99 * len(post)))] if post else 0),
+        post_edit_forwards_p99=float(post[int(0.99 * (len(post) - 1))] if post else 0),
         answers=answers,
         questions=questions,
     )

@@ -57,6 +57,15 @@ def cpt_index(raw: dict) -> int:
         (lambda r: r["stages"][0].update(eval_rows=0), "eval_rows"),
         (lambda r: r["model"].update(dtype="float16"), "float16 needs loss scaling"),
         (lambda r: r["stages"][cpt_index(r)].update(shift_labels=True), "shift_labels"),
+        (lambda r: r.update(editing={"stages": ["dpo"]}), "editing.stages.0"),
+        (lambda r: r.update(editing={"substitution_rate": 0}), "editing.substitution_rate"),
+        (lambda r: r.update(editing={"substitution": "random"}), "editing.substitution"),
+        (lambda r: (r.update(editing={"stages": ["sft"]}), r["stages"].remove(stage(r, "sft")),
+                    r["stages"].remove(stage(r, "ar_sft"))), "['sft'] not among the pipeline's"),
+        (lambda r: r["evaluation"].update(mode="turbo"), "mode 'turbo' is not one of"),
+        (lambda r: r["evaluation"].update(modes={"speed": {"threshold": 0.5,
+                                                           "edit_threshold": 2}}),
+         "evaluation.modes.speed.edit_threshold"),
     ],
 )
 def test_bad_config_names_the_field(edit, field: str) -> None:

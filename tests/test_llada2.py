@@ -312,19 +312,30 @@ def test_hf_generate_and_resize(loaded) -> None:
     assert model(ids).logits.shape == (2, 5, VOCAB + 3)
 
 
-@pytest.mark.parametrize("threshold", [0.05, 0.5])
-def test_block_decoding_with_cache_gives_the_tokens_of_no_cache(loaded, threshold) -> None:
+@pytest.mark.parametrize(
+    ("threshold", "edit_threshold", "multi_block"),
+    [(0.05, None, False), (0.5, None, False), (0.5, 0.3, False), (0.5, 0.3, True)],
+)
+def test_block_decoding_with_cache_gives_the_tokens_of_no_cache(
+    loaded, threshold, edit_threshold, multi_block
+) -> None:
+    """Plain, and with token editing (a LLaDA2.1 checkpoint is this architecture)."""
     hf, tokenizer = copy.deepcopy(loaded[0]), loaded[1]
     with torch.no_grad():  # sharper distributions than a fresh init: confidences spread out
         hf.get_output_embeddings().weight.mul_(12.0)
     dlm = DiffusionLM(hf, attention="dense").eval()
     gen = torch.Generator().manual_seed(6)
     prompts = [torch.randint(5, 290, (n,), generator=gen).tolist() for n in (3, 10)]
-    sampling, eos = Sampling(threshold=threshold, max_new_tokens=12), tokenizer.eos_token_id
-    cached = BlockDecoder(dlm, eos, 4).generate(prompts, sampling)
-    plain = BlockDecoder(dlm, eos, 4, use_cache=False).generate(prompts, sampling)
-    assert [g.tokens for g in cached] == [g.tokens for g in plain]
+    sampling = Sampling(threshold=threshold, edit_threshold=edit_threshold, max_new_tokens=12)
+    eos = tokenizer.eos_token_id
+    cached = BlockDecoder(dlm, eos, 4, multi_block_edit=multi_block).generate(prompts, sampling)
+    plain = BlockDecoder(dlm, eos, 4, use_cache=False, multi_block_edit=multi_block).generate(
+        prompts, sampling
+    )
+    assert [(g.tokens, g.edits) for g in cached] == [(g.tokens, g.edits) for g in plain]
     assert sum(len(g.tokens) for g in cached) > 4
+    if edit_threshold is not None:
+        assert sum(g.edits for g in cached) > 0
 
 
 def test_meta_build_loaded_shard_wise_equals_from_pretrained(checkpoint) -> None:

@@ -116,13 +116,13 @@ async def follow(client: JobSubmissionClient, job: str, console: Console) -> Non
         console.feed(chunk)
 
 
-def ask(url: str, ex: tasks.Example, threshold: float) -> dict:
+def ask(url: str, ex: tasks.Example, decoding: dict) -> dict:
+    """One question; `decoding`: the threshold, or the token-editing mode, to ask with."""
     body = {
         "model": "llada-ray",
         "max_tokens": 32,
-        "threshold": threshold,
         "messages": [{"role": "user", "content": ex.prompt}],
-    }
+    } | decoding
     r = requests.post(f"{url}/v1/chat/completions", json=body, timeout=120)
     r.raise_for_status()
     reply = r.json()
@@ -135,6 +135,9 @@ def ask(url: str, ex: tasks.Example, threshold: float) -> dict:
         "error": tasks.error_class(ex.answer, answer),
         "tokens": reply["usage"]["completion_tokens"],
         "forwards": reply["decoding"]["forwards"],
+        "edits": reply["decoding"]["edits"],
+        "repeated_3grams": reply["decoding"]["repeated_3grams"],
+        "trigrams": reply["decoding"]["trigrams"],
     }
 
 
@@ -156,9 +159,10 @@ def serve_and_ask(
             time.sleep(0.5)
         print(f"\n== serving {export} at {url}/v1", flush=True)
         examples = tasks.examples(cfg.evaluation.seed + 1, 0, n, "heldout", cfg.data.task)
-        tau = cfg.evaluation.threshold  # as the pipeline evaluated it
+        ev = cfg.evaluation  # as the pipeline evaluated it
+        decoding = {"mode": ev.mode} if ev.mode else {"threshold": ev.threshold}
         with ThreadPoolExecutor(8) as pool:
-            replies = list(pool.map(lambda ex: ask(url, ex, tau), examples))
+            replies = list(pool.map(lambda ex: ask(url, ex, decoding), examples))
     print(f"\n{'question':<40}{'answer':<22}{'expected':<22}ok")
     for r in replies[:16]:
         ok = "✓" if r["error"] == "ok" else "✗"
@@ -169,9 +173,11 @@ def serve_and_ask(
     per_task = {k.split("/")[1]: v for k, v in scores.items() if "/" in k}
     tokens, forwards = sum(r["tokens"] for r in replies), sum(r["forwards"] for r in replies)
     errors = tasks.error_counts(r["error"] for r in replies)
+    trigrams = sum(r["trigrams"] for r in replies)
     figures = {
         "export": export,
-        "threshold": tau,
+        "threshold": ev.threshold,
+        "mode": ev.mode and ev.modes[ev.mode].model_dump(),
         "block_size": served_block_size(cfg),
         "task_settings": tasks.describe(cfg.data.task),
         "question_counts": tasks.counts(cfg.data, n),
@@ -180,11 +186,15 @@ def serve_and_ask(
         "per_task": per_task,
         "errors": errors,
         "tokens_per_forward": tokens / max(forwards, 1),
+        "repeated_3gram_share": sum(r["repeated_3grams"] for r in replies) / max(trigrams, 1),
+        "edits": sum(r["edits"] for r in replies),
         "answers": replies,
     }
     kinds = ", ".join(f"{k} {v:.0%}" for k, v in per_task.items())
+    how = f"mode {ev.mode}" if ev.mode else f"τ {ev.threshold}"
     print(f"\nserved model: exact match {scores['accuracy']:.1%} of {n} held-out questions "
-          f"({kinds}); {figures['tokens_per_forward']:.2f} tokens per forward (τ {tau}, "
+          f"({kinds}); {figures['tokens_per_forward']:.2f} tokens per forward, "
+          f"{figures['repeated_3gram_share']:.1%} repeated 3-grams ({how}, "
           f"block {figures['block_size']})")  # fmt: skip
     print(f"errors: {errors}")
     print(f"task settings: {figures['task_settings']}")

@@ -111,6 +111,8 @@ def _decoding(finals: list[Update]) -> dict:
     return {
         "forwards": forwards,
         "tokens_per_forward": round(tokens / max(forwards, 1), 3),
+        "repeated_3grams": repeated,  # 3-grams of an answer seen earlier in it, of trigrams
+        "trigrams": trigrams,
         "repeated_3gram_share": round(repeated / max(trigrams, 1), 4),
         "edits": sum(u.edits for u in finals),
         "seconds": round(max((u.seconds for u in finals), default=0.0), 4),

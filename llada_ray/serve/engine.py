@@ -145,8 +145,9 @@ class TextEngine:
         )
         length = min(cfg.max_length, dlm.hf.config.max_position_embeddings)
         decoder: Decoder = (
-            BlockDecoder(dlm, eos, block_size, cfg.use_cache, length, engine,
-                         cfg.decoding.multi_block_edit)  # fmt: skip
+            BlockDecoder(
+                dlm, eos, block_size, cfg.use_cache, length, engine, cfg.decoding.multi_block_edit
+            )
             if cfg.decoder == "block"
             else ARDecoder(dlm, eos, cfg.use_cache, length, engine)
         )
