@@ -60,12 +60,21 @@ def cpt_index(raw: dict) -> int:
         (lambda r: r.update(editing={"stages": ["dpo"]}), "editing.stages.0"),
         (lambda r: r.update(editing={"substitution_rate": 0}), "editing.substitution_rate"),
         (lambda r: r.update(editing={"substitution": "random"}), "editing.substitution"),
-        (lambda r: (r.update(editing={"stages": ["sft"]}), r["stages"].remove(stage(r, "sft")),
-                    r["stages"].remove(stage(r, "ar_sft"))), "['sft'] not among the pipeline's"),
+        (
+            lambda r: (
+                r.update(editing={"stages": ["sft"]}),
+                r["stages"].remove(stage(r, "sft")),
+                r["stages"].remove(stage(r, "ar_sft")),
+            ),
+            "['sft'] not among the pipeline's",
+        ),
         (lambda r: r["evaluation"].update(mode="turbo"), "mode 'turbo' is not one of"),
-        (lambda r: r["evaluation"].update(modes={"speed": {"threshold": 0.5,
-                                                           "edit_threshold": 2}}),
-         "evaluation.modes.speed.edit_threshold"),
+        (
+            lambda r: r["evaluation"].update(
+                modes={"speed": {"threshold": 0.5, "edit_threshold": 2}}
+            ),
+            "evaluation.modes.speed.edit_threshold",
+        ),
     ],
 )
 def test_bad_config_names_the_field(edit, field: str) -> None:
