@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # Corpus → block-diffusion model → served answers (tools/demo.py): local Ray, files, sqlite MLflow.
 demo: setup
-	$(BIN)/python tools/demo.py
+	$(BIN)/python tools/demo.py $(DEMO_ARGS)
 
 # An autoscaling cluster on this machine (cluster/local-fake.yaml): nodes added, then removed idle.
 cluster-demo: setup
@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/levers.py
+	$(BIN)/python bench/editing.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/scale.py

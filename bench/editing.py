@@ -2,14 +2,18 @@
 stream, decoded in the Speed and Quality modes, against the fair AR baseline.
 
 The base is `configs/tiny.yaml` as `make demo` trains it (trained first if it is not there).
-Each editing setting repeats the base's conversion from its AR parent at the same budget (CPT,
-merge, SFT, CAP, DPO: the same rows, steps and rates; the base itself for its own setting):
-  - `none`: no editing stream;
-  - `uniform`: `editing:` as configured, replacements drawn from the vocabulary;
-  - `in_sequence`: the same, replacements drawn from the row's own visible answer tokens.
+Each variant repeats the base's conversion at the same budget (the same rows, steps and rates)
+with the editing stream on, as a pipeline of its own (`<name>-t2t-<variant>`):
+  - `none`: the base, no editing stream;
+  - `in_sequence`: from the AR parent, CPT, SFT and CAP train both streams, replacements drawn
+    from the row's own visible answer tokens (`editing:`'s defaults);
+  - `uniform`: the same with replacements drawn from the vocabulary;
+  - `in_sequence_post`: from the base's merged model, SFT and CAP only.
 Every final (DPO) model answers the pipeline's held-out questions as the pipeline asks them
 (`llada_ray.evaluation.evaluate`), at the plain served τ (no editing) and in each preset of
-`evaluation.modes` (Speed, Quality), with and without multi-block editing. Each row keeps its
+`evaluation.modes` (Speed, Quality), with and without multi-block editing; each merged model at
+the plain τ; the model without editing also at τ 0.05 (the errors of a draft that takes nearly a
+block per forward: what edits would have to repair). Each row keeps its
 accuracy, TPF, repeated 3-gram share, edits and edit-only forwards per block (mean, p99). The AR
 baseline (`ar_sft`) gives the accuracy and repetition to beat; speed is tokens/s at batch 1 on
 the compiled engine, fastest of 3. The cache is checked against the uncached path on the same
@@ -31,38 +35,40 @@ from levers import base_config, model_dir
 
 from llada_ray.config import DecodeMode, EditingConfig, PipelineConfig
 from llada_ray.data import tasks
-from llada_ray.decoding import ARDecoder, BlockDecoder, EngineOptions, Sampling
+from llada_ray.decoding import ARDecoder, BlockDecoder, Decoder, EngineOptions, Sampling
 from llada_ray.evaluation import evaluate
 from llada_ray.model import DiffusionLM, load_model
 from llada_ray.pipeline.scheduler import run_pipeline
 from llada_ray.train.plan import served_block_size
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = ("none", "uniform", "in_sequence")
 EXACTNESS_QUESTIONS = 64
-
-
-def setting_of(cfg: PipelineConfig) -> str:
-    return "none" if cfg.editing is None else cfg.editing.substitution
+DRAFT_TAU = 0.05  # below every preset: nearly every forward takes the whole block
+# Each editing variant: (substitution, stages that train the T2T stream).
+VARIANTS = {
+    "in_sequence": ("in_sequence", ["cpt", "sft", "cap"]),
+    "uniform": ("uniform", ["cpt", "sft", "cap"]),
+    "in_sequence_post": ("in_sequence", ["sft", "cap"]),
+}
 
 
 def pipelines(base: PipelineConfig) -> dict[str, PipelineConfig]:
-    """Each setting's pipeline: the base for its own, else its conversion from the base's AR
-    parent with only `editing` changed."""
-    editing = base.editing or EditingConfig()
-    out = {}
-    for name in SETTINGS:
-        if name == setting_of(base):
-            out[name] = base
-            continue
+    """`none` (the base) and each variant: the base's conversion from its AR parent (post-
+    training only, from its merged model, for a variant whose stream skips CPT) with only
+    `editing` changed."""
+    if base.editing is not None:
+        raise SystemExit("bench/editing.py measures editing against a base without it: "
+                         "configs/tiny.yaml must not set editing")  # fmt: skip
+    out = {"none": base}
+    for name, (substitution, stages) in VARIANTS.items():
         raw = base.model_dump(mode="json")
-        raw["name"] = f"{base.name}-no-editing" if name == "none" else f"{base.name}-editing" + (
-            "" if name == "uniform" else f"-{name}")  # fmt: skip
-        raw["model"]["source"] = model_dir(base, "ar_pretrain")
+        raw["name"] = f"{base.name}-t2t-{name}"
+        post = "cpt" not in stages
+        raw["model"]["source"] = model_dir(base, "merge" if post else "ar_pretrain")
         raw["tokenizer"] = {"source": "model"}
-        raw["stages"] = [s for s in raw["stages"] if s["stage"] not in ("ar_pretrain", "ar_sft")]
-        changed = editing.model_copy(update={"substitution": name})
-        raw["editing"] = None if name == "none" else changed.model_dump(mode="json")
+        drop = ("ar_pretrain", "ar_sft", *(("cpt", "merge") if post else ()))
+        raw["stages"] = [s for s in raw["stages"] if s["stage"] not in drop]
+        raw["editing"] = {"substitution": substitution, "stages": stages}
         out[name] = PipelineConfig.model_validate(raw)
     return out
 
@@ -78,6 +84,20 @@ def train(base: PipelineConfig) -> dict[str, PipelineConfig]:
     finally:
         ray.shutdown()
     return out
+
+
+TRAINED = {
+    "none": "no editing",
+    "in_sequence": "editing, in-sequence (CPT, SFT, CAP)",
+    "uniform": "editing, uniform (CPT, SFT, CAP)",
+    "in_sequence_post": "editing, in-sequence (SFT, CAP)",
+}
+
+
+def describe(name: str, mode: DecodeMode, multi_block: bool) -> str:
+    how = f"τ {mode.threshold}" if mode.edit_threshold is None else (
+        f"{name.capitalize()}: τ_mask {mode.threshold}, τ_edit {mode.edit_threshold}")  # fmt: skip
+    return how + (", multi-block" if multi_block else "")
 
 
 def sampling(mode: DecodeMode, max_new: int) -> Sampling:
@@ -96,35 +116,43 @@ def main() -> None:
     modes = {"plain": plain} | dict(ev.modes)
     batched = EngineOptions(ev.batch_size, ev.decoding.length_bucket)
     results: dict[str, dict] = {}
+    table: list[tuple[str, str, str]] = []  # the README's: (result, trained with, decodes)
+
+    def run(row: str, trained: str, how: str, decoder: Decoder, mode: DecodeMode) -> None:
+        result = evaluate(decoder, tok, examples, sampling(mode, ev.max_new_tokens)).summary()
+        results[row] = result
+        table.append((row, trained, how))
+        print(f"{row:<26} accuracy {result['accuracy']:.3f} TPF "
+              f"{result['tokens_per_forward']:.2f} repeated 3-grams "
+              f"{result['repeated_3gram_share']:.3f} edits {result['edits']} edit-only "
+              f"forwards/block {result['post_edit_forwards_mean']:.2f}", flush=True)  # fmt: skip
 
     ar_hf, tok = load_model(model_dir(base, "ar_sft"))
     ar = ARDecoder(DiffusionLM(ar_hf), tok.eos_token_id, engine=batched)
-    results["ar_sft"] = evaluate(
-        ar, tok, examples, Sampling(max_new_tokens=ev.max_new_tokens)
-    ).summary()
+    run("ar_sft", "AR baseline (`ar_sft`)", "AR", ar, DecodeMode(threshold=1.0))
+    # The draft's own errors: the model without editing at a τ that takes nearly a block a
+    # forward (what editing would have to repair), and each conversion's merged model.
+    draft = DecodeMode(threshold=DRAFT_TAU)
     models = {}
     for name, cfg in configs.items():
+        if any(s.stage == "merge" for s in cfg.stages):
+            hf, tok = load_model(model_dir(cfg, "merge"))
+            decoder = BlockDecoder(DiffusionLM(hf), tok.eos_token_id, block, engine=batched)
+            run(f"{name}_merge", f"{TRAINED[name]}: after CPT and merge", f"τ {ev.threshold}",
+                decoder, plain)  # fmt: skip
         hf, tok = load_model(model_dir(cfg, "dpo"))
         models[name] = DiffusionLM(hf)
         for mbe in (False, True):
             decoder = BlockDecoder(models[name], tok.eos_token_id, block, engine=batched,
                                    multi_block_edit=mbe)  # fmt: skip
-            for mode_name, mode in modes.items():
+            extra = {"draft": draft} if name == "none" and not mbe else {}
+            for mode_name, mode in (modes | extra).items():
                 if mbe and mode.edit_threshold is None:
                     continue  # nothing to edit: the same decode
                 row = f"{name}_{mode_name}" + ("_mbe" if mbe else "")
-                results[row] = evaluate(
-                    decoder, tok, examples, sampling(mode, ev.max_new_tokens)
-                ).summary()
-                r = results[row]
-                print(
-                    f"{row:<26} accuracy {r['accuracy']:.3f} TPF {r['tokens_per_forward']:.2f} "
-                    f"repeated 3-grams {r['repeated_3gram_share']:.3f} edits {r['edits']} "
-                    f"edit-only forwards/block {r['post_edit_forwards_mean']:.2f}",
-                    flush=True,
-                )
+                run(row, TRAINED[name], describe(mode_name, mode, mbe), decoder, mode)
 
-    primary = EditingConfig().substitution  # what `editing: {}` trains
+    primary = "in_sequence"  # what `editing: {}` trains
     speed, quality = modes["speed"], modes["quality"]
     # Exactness on the trained model: the cache against the uncached path, every mode.
     same = total = 0
@@ -146,6 +174,10 @@ def main() -> None:
          Sampling(max_new_tokens=ev.max_new_tokens)),
         (f"{primary}_speed_compiled_b1",
          BlockDecoder(models[primary], tok.eos_token_id, block, engine=compiled),
+         sampling(speed, ev.max_new_tokens)),
+        (f"{primary}_speed_mbe_compiled_b1",
+         BlockDecoder(models[primary], tok.eos_token_id, block, engine=compiled,
+                      multi_block_edit=True),
          sampling(speed, ev.max_new_tokens)),
         (f"{primary}_quality_compiled_b1",
          BlockDecoder(models[primary], tok.eos_token_id, block, engine=compiled),
@@ -184,15 +216,18 @@ def main() -> None:
         "setup": {
             "model": "tiny (configs/tiny.yaml) and its conversions with each editing setting",
             "task_settings": tasks.describe(base.data.task),
+            "kinds": sorted(base.data.task.kinds),
             "question_counts": tasks.counts(base.data, ev.task_examples),
             "examples": ev.task_examples,
             "eval_seed": ev.seed,
             "block_size": block,
             "modes": {k: v.model_dump() for k, v in modes.items()},
-            "editing": (base.editing or EditingConfig()).model_dump(),
+            "variants": {k: {"substitution": v[0], "stages": v[1]} for k, v in VARIANTS.items()},
+            "editing": EditingConfig().model_dump(),
             "primary": primary,
             "cpus": os.cpu_count(),
         },
+        "table": table,
         "results": results,
         "targets": targets,
     }

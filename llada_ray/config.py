@@ -323,9 +323,10 @@ class EditingConfig(Strict):
         0.1, description="share of the visible (unmasked) maskable tokens replaced at random"
     )
     substitution: Literal["uniform", "in_sequence"] = Field(
-        "uniform",
-        description="a replacement is drawn from the vocabulary (uniform), or is the token at a "
-        "random visible answer position of the same row (in_sequence: plausible mistakes)",
+        "in_sequence",
+        description="a replacement is the token at a random visible answer position of the same "
+        "row (in_sequence: plausible mistakes), or drawn from the vocabulary (uniform, as the "
+        "LLaDA2.1 report describes it); bench/editing.py measures both",
     )
     loss_weight: PositiveFloat = Field(1.0, description="the T2T stream's weight beside M2T's")
     stages: list[Literal["cpt", "sft", "cap"]] = Field(

@@ -25,6 +25,7 @@ from llada_ray.diffusion.losses import masked_token_nll
 from llada_ray.diffusion.masks import position_ids_for
 from llada_ray.model import DiffusionLM, build_tiny_model
 from llada_ray.model.adapter import block_diffusion_inputs, causal_inputs, stable_inputs
+from llada_ray.pipeline.graph import stage_graph
 from llada_ray.train.batches import RowStore, dpo_batch, micro_batch_index, packed_batch, sft_batch
 from llada_ray.train.objectives import Editing, cpt_loss, dpo_loss, sft_loss
 from llada_ray.train.plan import find_unit, learning_rate, total_steps, units
@@ -296,10 +297,13 @@ def _reader(half: str, vocab: int):
     return model
 
 
-def test_editing_stream_is_near_zero_for_an_oracle_and_large_for_a_copier(dlm, tiny_tokenizer):
+@pytest.mark.parametrize("substitution", ["in_sequence", "uniform"])
+def test_editing_stream_is_near_zero_for_an_oracle_and_large_for_a_copier(dlm, tiny_tokenizer,
+                                                                          substitution):  # fmt: skip
     """Both objectives that train editing (SFT/CAP and CPT), on their real batches."""
     vocab, mask = len(tiny_tokenizer), dlm.mask_token_id
-    editing = Editing(EditingConfig(substitution_rate=0.3, loss_weight=0.5), vocab, mask)
+    settings = EditingConfig(substitution_rate=0.3, loss_weight=0.5, substitution=substitution)
+    editing = Editing(settings, vocab, mask)
     sft = sft_batch(_chat_rows(tiny_tokenizer), tiny_tokenizer.pad_token_id)
     packed = packed_batch(_rows(tiny_tokenizer))
     stage = CptStage(phases=[{"name": "b", "block_size": 16, "tokens": 1, "lr": 1.0}])
@@ -338,3 +342,13 @@ def test_editing_keeps_complementary_masks_and_reports_both_streams(dlm, tiny_to
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def test_the_editing_switch_changes_exactly_the_stages_that_train_it() -> None:
+    """A committed run is reused only if its settings hash matches: turning editing on must
+    invalidate the runs it changes (and what starts from them), and no other."""
+    cfg = load_config("configs/tiny.yaml")
+    before = {s.name: s.config_hash for s in stage_graph(cfg)}
+    edited = cfg.model_copy(update={"editing": EditingConfig(stages=["sft", "cap"])})
+    after = {s.name: s.config_hash for s in stage_graph(edited)}
+    assert [k for k in before if before[k] != after[k]] == ["sft", "cap", "dpo"]

@@ -9,7 +9,7 @@ task settings and the question counts, and saves them all as JSON beside the pip
 (`<storage>/<name>/demo/served.json`). Storage and MLflow are local files (runs/, mlflow.db)
 unless the config says otherwise.
 
-    python tools/demo.py [--config configs/tiny.yaml] [--questions 128] [--record]
+    python tools/demo.py [--config configs/tiny.yaml] [--questions 128] [--record] [--editing]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from llada_ray import local_stack
-from llada_ray.config import PipelineConfig, load_config
+from llada_ray.config import EditingConfig, PipelineConfig, load_config
 from llada_ray.data import tasks
 from llada_ray.pipeline import manifests
 from llada_ray.pipeline.lineage import uri_of
@@ -43,10 +43,18 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def local_config(path: Path) -> tuple[Path, PipelineConfig]:
-    """The config with relative local paths made absolute: the job runs in a copy of the repo."""
+def local_config(path: Path, editing: bool = False) -> tuple[Path, PipelineConfig]:
+    """The config with relative local paths made absolute: the job runs in a copy of the repo.
+    With `editing`, the config's own `editing:` (else its defaults) and evaluation in Quality
+    mode, as a pipeline of its own (`<name>-editing`)."""
     cfg = load_config(path).anchored(REPO)  # a bad config stops here, before anything starts
-    out = REPO / "runs" / f"demo-{path.stem}.yaml"
+    if editing:
+        raw = cfg.model_dump(mode="json")
+        raw["name"] = f"{cfg.name}-editing"
+        raw["editing"] = (cfg.editing or EditingConfig()).model_dump(mode="json")
+        raw["evaluation"]["mode"] = raw["evaluation"]["mode"] or "quality"
+        cfg = PipelineConfig.model_validate(raw)
+    out = REPO / "runs" / f"demo-{cfg.name}.yaml"
     out.parent.mkdir(exist_ok=True)
     out.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return out, cfg
@@ -222,9 +230,14 @@ def main() -> int:
     parser.add_argument(
         "--record", action="store_true", help="also write bench/results/demo.json (the README's)"
     )
+    parser.add_argument(
+        "--editing",
+        action="store_true",
+        help="train with token editing (LLaDA2.1) and serve in Quality mode: <name>-editing",
+    )
     args = parser.parse_args()
     started = time.monotonic()
-    config, cfg = local_config(Path(args.config))
+    config, cfg = local_config(Path(args.config), args.editing)
     os.environ.update(local_stack.RAY_ENV)
     logs = REPO / "runs" / "demo-logs"
     logs.mkdir(parents=True, exist_ok=True)

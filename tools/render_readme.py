@@ -67,28 +67,47 @@ ERRORS_HEADER = "errors (early EOS / too long / wrong characters)"
 
 
 def _figures(r: dict) -> str:
-    """Exact match (per kind, sorted by name) | TPF | error classes: one model's columns."""
+    """Exact match (per kind, sorted by name) | TPF | repeated 3-grams | error classes: one
+    model's columns (a TPF never without its repetition: a stuttering decoder looks fast)."""
     kinds = " / ".join(f"{100 * v:.0f}" for _, v in sorted(r["per_task"].items()))
     e = r["errors"]
     return (
         f"{100 * r['accuracy']:.1f} % ({kinds}) | {r['tokens_per_forward']:.2f} | "
+        f"{100 * r['repeated_3gram_share']:.1f} % | "
         f"{e['early_eos']} / {e['too_long']} / {e['wrong_characters']}"
     )
+
+
+FIGURES_HEADER = f"TPF | repeated 3-grams | {ERRORS_HEADER}"
 
 
 def decode_models() -> str:
     """The decode bench's models, in the order of its `table`."""
     d = results("decode")
     kinds = " / ".join(sorted(d["setup"]["kinds"]))
-    rows = [f"| model | decode | exact match ({kinds}) | TPF | {ERRORS_HEADER} |", "|---" * 5 + "|"]
+    rows = [f"| model | decode | exact match ({kinds}) | {FIGURES_HEADER} |", "|---" * 6 + "|"]
     for key, label, how in d["table"]:
         rows.append(f"| {label} | {how} | {_figures(d['results'][key])} |")
     return "\n".join(rows)
 
 
-def decode_targets() -> str:
+def editing_modes() -> str:
+    """bench/editing.py: each model (trained with or without editing) in each decoding mode."""
+    d = results("editing")
+    kinds = " / ".join(sorted(d["setup"]["kinds"]))
+    rows = [f"| trained with | decode | exact match ({kinds}) | {FIGURES_HEADER} | edits | "
+            "edit-only forwards per block (mean / p99) |", "|---" * 8 + "|"]  # fmt: skip
+    for key, trained, how in d["table"]:
+        r = d["results"][key]
+        post = f"{r['post_edit_forwards_mean']:.2f} / {r['post_edit_forwards_p99']:.0f}"
+        rows.append(f"| {trained} | {how} | {_figures(r)} | {r['edits']} | {post} |")
+    return "\n".join(rows)
+
+
+def targets(bench: str) -> str:
+    """A bench's `targets`, one row each."""
     rows = ["| target | value | goal | met |", "|---|---|---|---|"]
-    for name, t in results("decode")["targets"].items():
+    for name, t in results(bench)["targets"].items():
         value = "–" if t["value"] is None else f"{t['value']:.3f}"
         sign = "≥ " if t["higher_is_better"] else "≤ "
         goal = "reported" if t["goal"] is None else f"{sign}{t['goal']}"
@@ -101,8 +120,8 @@ def levers() -> str:
     """bench/levers.py: each variant's models beside the base's (`cpt_1x`)."""
     d = results("levers")
     kinds = " / ".join(sorted(d["kinds"]))
-    rows = [f"| lever | CPT tokens | stage | exact match ({kinds}) | TPF | {ERRORS_HEADER} |",
-            "|---" * 6 + "|"]  # fmt: skip
+    rows = [f"| lever | CPT tokens | stage | exact match ({kinds}) | {FIGURES_HEADER} |",
+            "|---" * 7 + "|"]  # fmt: skip
     for r in d["rows"]:
         rows.append(f"| {r['lever']} | {r['cpt_tokens']:,} | {r['stage']} | {_figures(r)} |")
     return "\n".join(rows)
@@ -110,7 +129,9 @@ def levers() -> str:
 
 TABLES: dict[str, Callable[[], str]] = {
     "decode_models": decode_models,
-    "decode_targets": decode_targets,
+    "decode_targets": lambda: targets("decode"),
+    "editing_modes": editing_modes,
+    "editing_targets": lambda: targets("editing"),
     "levers": levers,
 }
 

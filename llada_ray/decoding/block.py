@@ -192,13 +192,12 @@ class BlockRun(Run):
         # logits depend on nothing after it). A block only needs the last to be quiet when the
         # answer ends in it; otherwise the next step checks it as the previous block.
         prev_ok = ~self.has_prev
-        need_quiet = torch.ones_like(editing) if W == B else None
         edits = torch.zeros_like(post_cap)
         position = torch.arange(W, device=device)
         while True:
             open_, decided, ends = d._open(self.window, given, wanted, eos)
             masks_left = open_.any(-1)
-            checked = prev_ok & (quiet | ~(ends if need_quiet is None else need_quiet))
+            checked = prev_ok & (quiet | (W > B) & ~ends)
             running = masks_left | (editing & ~checked & (post < post_cap))
             if (done := ~running & ends).any():  # complete: leave before the next forward
                 for w in done.nonzero().flatten().tolist():
@@ -214,7 +213,6 @@ class BlockRun(Run):
                     x[keep]
                     for x in (editing, edit_thresholds, post_cap, post, quiet, prev_ok, edits)
                 )
-                need_quiet = None if need_quiet is None else need_quiet[keep]
                 open_, decided, masks_left, running = (
                     x[keep] for x in (open_, decided, masks_left, running)
                 )

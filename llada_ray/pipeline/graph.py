@@ -35,8 +35,11 @@ def _digest(previous: str, settings: dict) -> str:
 
 def _settings(cfg: PipelineConfig, unit: Unit) -> dict:
     """What a run's result depends on. Storage, tracking and retries do not change it; the
-    worker count does (it sets the global batch and the sample order)."""
-    return {
+    worker count does (it sets the global batch and the sample order), and so does the editing
+    stream where it trains (only there: the hashes of runs without it stay what they were)."""
+    editing = cfg.edits(unit.stage.stage)
+    extra = {"editing": editing.model_dump(mode="json")} if editing else {}
+    return extra | {
         "run": unit.name,
         "objective": unit.objective,
         "block_size": unit.block_size,
