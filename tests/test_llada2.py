@@ -153,6 +153,27 @@ def test_released_layout_loads_into_our_class_without_remote_code(checkpoint, lo
     assert prompt == "<role>HUMAN</role>hi<|role_end|><role>ASSISTANT</role>"
 
 
+def test_a_llada2_1_checkpoint_loads_like_a_llada2_0_one(checkpoint, loaded, tmp_path) -> None:
+    """LLaDA2.1-mini (Feb 2026) ships the same architecture, weight names and config keys; its
+    config.json differs in spelling (`dtype`, a `sliding_window`, a newer transformers) and in
+    its context (32,768). The same weights under that config load and give the same logits."""
+    directory, _ = checkpoint
+    for f in directory.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    config = json.loads((directory / "config.json").read_text())
+    config["dtype"] = config.pop("torch_dtype")
+    config |= {"sliding_window": 4096, "transformers_version": "4.57.1",
+               "max_position_embeddings": 32768}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config, indent=2))
+    model, _ = load_model(tmp_path)
+    assert type(model) is LLaDA2MoeForCausalLM
+    assert model.config.max_position_embeddings == 32768
+    assert not [m for m in sys.modules if m.startswith("transformers_modules")]
+    ids = torch.randint(5, 290, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, loaded[0](ids).logits)
+
+
 # Tensor names of the released shards (LLaDA2.0-mini: layer 0 dense, layers 1-19 MoE): the
 # reference module tree, and the keys dFactory's scripts/moe_convertor.py reads from them.
 GLOBAL_KEYS = {"model.word_embeddings.weight", "model.norm.weight", "lm_head.weight"}

@@ -298,8 +298,9 @@ def _reader(half: str, vocab: int):
 
 
 @pytest.mark.parametrize("substitution", ["in_sequence", "uniform"])
-def test_editing_stream_is_near_zero_for_an_oracle_and_large_for_a_copier(dlm, tiny_tokenizer,
-                                                                          substitution):  # fmt: skip
+def test_editing_stream_is_near_zero_for_an_oracle_and_large_for_a_copier(
+    dlm, tiny_tokenizer, substitution
+):
     """Both objectives that train editing (SFT/CAP and CPT), on their real batches."""
     vocab, mask = len(tiny_tokenizer), dlm.mask_token_id
     settings = EditingConfig(substitution_rate=0.3, loss_weight=0.5, substitution=substitution)
