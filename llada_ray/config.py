@@ -329,8 +329,11 @@ class EditingConfig(Strict):
         "LLaDA2.1 report describes it); bench/editing.py measures both",
     )
     loss_weight: PositiveFloat = Field(1.0, description="the T2T stream's weight beside M2T's")
-    stages: list[Literal["cpt", "sft", "cap"]] = Field(
-        ["cpt", "sft", "cap"], min_length=1, description="the stages that train both streams"
+    stages: list[Literal["cpt", "sft", "cap"]] | None = Field(
+        None,
+        min_length=1,
+        description="the stages that train both streams; None: every one of "
+        "cpt, sft, cap the pipeline has",
     )
 
 
@@ -390,8 +393,9 @@ class DecodingConfig(Strict):
     )
     multi_block_edit: bool = Field(
         False,
-        description="token editing revises the previous block too while the next one decodes "
-        "(every forward carries it: twice the queries); its cache entries are rewritten",
+        description="token editing revises the previous block too while the next one decodes: "
+        "every forward carries it (twice the queries, for every request, editing or not), its "
+        "cache entries rewritten; a block reaches the output a block later",
     )
 
 
@@ -411,9 +415,36 @@ DEFAULT_MODES = {
     "speed": DecodeMode(threshold=0.5, edit_threshold=0.5),
     "quality": DecodeMode(threshold=0.9, edit_threshold=0.9),
 }
+NO_EDITING = "none"  # the mode a request names to decode at τ alone, whatever the default
 
 
-class EvaluationConfig(Strict):
+def decode_mode(modes: dict[str, DecodeMode], mode: str | None, threshold: float) -> DecodeMode:
+    """The preset `mode` names, or τ alone (no editing) for None or "none"; a ValueError naming
+    the presets for any other name."""
+    if mode is None or mode == NO_EDITING:
+        return DecodeMode(threshold=threshold)
+    if mode not in modes:
+        raise ValueError(f"mode {mode!r} is not one of {sorted(modes)} (or {NO_EDITING!r})")
+    return modes[mode]
+
+
+class Modes(Strict):
+    """Decoding presets, and the one used when a request names none."""
+
+    mode: str | None = Field(
+        None, description="default preset of `modes` (token editing); None: τ, no editing"
+    )
+    modes: dict[str, DecodeMode] = Field(DEFAULT_MODES, description="decoding presets")
+
+    @model_validator(mode="after")
+    def _mode_exists(self) -> Modes:
+        if NO_EDITING in self.modes:
+            raise ValueError(f"modes: {NO_EDITING!r} is taken (τ alone, no editing)")
+        decode_mode(self.modes, self.mode, 1.0)  # a default that names no preset is refused
+        return self
+
+
+class EvaluationConfig(Modes):
     """Task accuracy after each post-training stage, decoded as served (the tiny default)."""
 
     task_examples: Annotated[int, Field(ge=0)] = Field(
@@ -421,24 +452,14 @@ class EvaluationConfig(Strict):
     )
     seed: int = Field(99, description="a seed no data source uses")
     threshold: Rate = 0.9
-    mode: str | None = Field(
-        None, description="a preset of `modes` instead of `threshold` (token editing)"
-    )
-    modes: dict[str, DecodeMode] = Field(DEFAULT_MODES, description="decoding presets")
     max_new_tokens: PositiveInt = 32
     batch_size: PositiveInt = 16
     decoding: DecodingConfig = DecodingConfig()
 
-    @model_validator(mode="after")
-    def _mode_exists(self) -> EvaluationConfig:
-        if self.mode is not None and self.mode not in self.modes:
-            raise ValueError(f"mode {self.mode!r} is not one of the modes {sorted(self.modes)}")
-        return self
-
     @property
     def decode_mode(self) -> DecodeMode:
         """The thresholds evaluation decodes with."""
-        return self.modes[self.mode] if self.mode else DecodeMode(threshold=self.threshold)
+        return decode_mode(self.modes, self.mode, self.threshold)
 
 
 class ScalingConfig(Strict):
@@ -534,15 +555,21 @@ class PipelineConfig(Strict):
             )
         if self.editing is not None:
             kinds = [s.stage for s in self.stages]
-            if missing := [k for k in self.editing.stages if k not in kinds]:
+            named = self.editing.stages or []
+            if missing := [k for k in named if k not in kinds]:
                 raise ValueError(f"editing.stages: {missing} not among the pipeline's stages")
-            if shifted and "cpt" in self.editing.stages:
+            if not any(self.edits(k) for k in kinds):
+                raise ValueError("editing: the pipeline has none of the stages cpt, sft, cap")
+            if shifted and self.edits("cpt"):
                 raise ValueError("editing: the T2T stream reads unshifted logits (no shift_labels)")
         return self
 
     def edits(self, stage: str) -> EditingConfig | None:
         """The editing settings if `stage` trains the T2T stream."""
-        return self.editing if self.editing and stage in self.editing.stages else None
+        if self.editing is None:
+            return None
+        named = self.editing.stages or ["cpt", "sft", "cap"]
+        return self.editing if stage in named else None
 
     def anchored(self, base: Path) -> PipelineConfig:
         """Relative local storage and sqlite paths made absolute against `base`: a job runs in
@@ -588,7 +615,7 @@ class Autoscaling(Strict):
 LLADA2_BLOCK_SIZE = 32  # the released LLaDA2.0 models decode in blocks of 32
 
 
-class ServeConfig(Strict):
+class ServeConfig(Modes):
     """The Serve app: which model, how it decodes, how requests are batched and limited."""
 
     model: str = Field(description="an exported model or checkpoint directory, local or s3://")
@@ -600,10 +627,6 @@ class ServeConfig(Strict):
         f"(lineage.json), else {LLADA2_BLOCK_SIZE} (LLaDA2's)",
     )
     threshold: Rate = Field(0.95, description="default τ (a request may set `threshold`)")
-    mode: str | None = Field(
-        None, description="default preset of `modes` (token editing); a request may set `mode`"
-    )
-    modes: dict[str, DecodeMode] = Field(DEFAULT_MODES, description="decoding presets")
     min_accept: PositiveInt = 1
     use_cache: bool = True
     decoding: DecodingConfig = DecodingConfig()
@@ -638,8 +661,6 @@ class ServeConfig(Strict):
             raise ValueError("max_ongoing_requests must be ≥ max_batch_size")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must be ≤ max_tokens_limit")
-        if self.mode is not None and self.mode not in self.modes:
-            raise ValueError(f"mode {self.mode!r} is not one of the modes {sorted(self.modes)}")
         return self
 
 

@@ -14,11 +14,13 @@ from llada_ray.diffusion.losses import (
     elbo_loss,
     masked_token_nll,
     sequence_elbo,
+    token_nll,
 )
 from llada_ray.diffusion.noise import (
     complementary_pairs,
     embedding_noise_std,
     forward_mask,
+    reach_of,
     sample_mask_rates,
     substitute,
 )
@@ -151,8 +153,8 @@ def test_editing_loss_is_near_zero_for_an_oracle_and_large_for_a_copier() -> Non
     edited = substitute(x0, visible, 0.1, vocab_size=50, mask_id=MASK, generator=gen)
     oracle = torch.nn.functional.one_hot(x0, 100).float() * 30
     copier = torch.nn.functional.one_hot(edited.xt, 100).float() * 30
-    good = editing_loss(oracle, x0, visible, edited.substituted)
-    bad = editing_loss(copier, x0, visible, edited.substituted)
+    good = editing_loss(token_nll(oracle, x0), visible, edited.substituted)
+    bad = editing_loss(token_nll(copier, x0), visible, edited.substituted)
     assert good.loss < 1e-6 and good.substituted < 1e-6
     assert bad.substituted == pytest.approx(30.0, rel=1e-4) and bad.kept < 1e-6
     # Over every visible position: the share replaced times the cost of each.
@@ -160,16 +162,23 @@ def test_editing_loss_is_near_zero_for_an_oracle_and_large_for_a_copier() -> Non
     assert bad.loss.item() == pytest.approx(30.0 * share.item(), rel=1e-4)
 
 
-def test_in_sequence_substitution_draws_tokens_of_the_same_rows_visible_positions() -> None:
+def test_in_sequence_substitution_shows_a_block_only_tokens_it_sees_anyway() -> None:
+    """Each replacement is a token of its own document up to its own block's end (earlier
+    blocks reach a block through the clean half, whole; its own block as it is), never a mask:
+    no substitution leaks a later block's or another document's token."""
     gen = torch.Generator().manual_seed(8)
-    xt = torch.stack([torch.randint(0, 10, (400,), generator=gen),
-                      torch.randint(50, 60, (400,), generator=gen)])  # fmt: skip
-    xt[:, ::3] = MASK
+    B, L = 8, 64
+    doc = (torch.arange(L) >= 40).long().expand(3, L)  # documents [0, 40) and [40, 64)
+    xt = torch.arange(L).expand(3, L).clone()  # a token names its position
+    xt[torch.rand(3, L, generator=gen) < 0.4] = MASK
     visible = xt != MASK
-    source = visible.clone()
-    source[:, 200:] = False  # only the first half's tokens may be drawn
-    out = substitute(xt, visible, 0.5, vocab_size=100, mask_id=MASK, generator=gen, source=source)
-    for row in range(2):
-        drawn = set(out.xt[row][out.substituted[row]].tolist())
-        assert drawn and drawn <= set(xt[row, :200][source[row, :200]].tolist())
-    assert not out.substituted[~visible].any() and (out.xt[out.substituted] != MASK).all()
+    out = substitute(xt, visible, 0.9, vocab_size=100, mask_id=MASK, generator=gen,
+                     reach=reach_of(doc, B))  # fmt: skip
+    at = out.substituted.nonzero().tolist()
+    assert len(at) > 40
+    for row, i in at:
+        j = int(out.xt[row, i])  # the position the replacement came from
+        first = 0 if i < 40 else 40
+        end = min(40 if i < 40 else L, (i // B + 1) * B)
+        assert first <= j < end and j != i and xt[row, j] == j
+    assert not out.substituted[~visible].any()

@@ -353,3 +353,7 @@ def test_the_editing_switch_changes_exactly_the_stages_that_train_it() -> None:
     edited = cfg.model_copy(update={"editing": EditingConfig(stages=["sft", "cap"])})
     after = {s.name: s.config_hash for s in stage_graph(edited)}
     assert [k for k in before if before[k] != after[k]] == ["sft", "cap", "dpo"]
+    # Naming a later stage too changes nothing for the earlier ones.
+    fewer = cfg.model_copy(update={"editing": EditingConfig(stages=["sft"])})
+    only_sft = {s.name: s.config_hash for s in stage_graph(fewer)}
+    assert only_sft["sft"] == after["sft"] and only_sft["cap"] != after["cap"]

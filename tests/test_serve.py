@@ -20,6 +20,7 @@ import requests
 import schemathesis
 import yaml
 from hypothesis import HealthCheck, given, settings
+from pydantic import ValidationError
 from schemathesis import Case, GenerationMode
 
 from llada_ray.config import ServeConfig, TinyModelConfig
@@ -250,6 +251,14 @@ def test_token_editing_thresholds_come_from_the_mode_and_the_request(engine):
     assert engine.job(ids, edit_threshold=0.4).sampling.edit_threshold == 0.4
     with pytest.raises(RequestError, match="'turbo' is not one of"):
         engine.job(ids, mode="turbo")
+    # A server that edits by default: a request turns it off with mode "none".
+    editing = TextEngine(engine.tokenizer, engine.cfg.model_copy(update={"mode": "speed"}),
+                         engine.limit, engine.decoder)  # fmt: skip
+    assert editing.job(ids).sampling.edit_threshold == speed.edit_threshold
+    off = editing.job(ids, mode="none").sampling
+    assert (off.threshold, off.edit_threshold) == (0.9, None)
+    with pytest.raises(ValidationError, match="'none' is taken"):
+        ServeConfig.model_validate(_settings(model="m", modes={"none": {"threshold": 0.5}}))
 
 
 def test_an_edited_stream_is_the_decoders_answer_and_stats_show_repetition(servers, engine):

@@ -59,7 +59,8 @@ class CachedBatch:
         self.device = engine.device
         self.context = torch.zeros(0, dtype=torch.long, device=self.device)
         # (ids, positions, has): clean tokens each row commits with its next forward; a row
-        # without (`has` False: it joined since) sends copies of its queries there instead.
+        # without (`has` False: it joined since, or has no block to commit) sends copies of its
+        # last queries there instead.
         self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.written = 0  # positions below this may hold this batch's keys and values
 
@@ -111,11 +112,7 @@ class CachedBatch:
         the caller gives them a copy of one of the row's noisy queries, its token, position and
         flag, which here writes the same keys and values to the same cache column twice."""
         n = ids.shape[1]
-        flags = (
-            clean
-            if isinstance(clean, torch.Tensor)
-            else torch.full_like(ids, clean, dtype=torch.bool)
-        )
+        flags = _flags(ids, clean)
         committing = self.pending is not None
         if committing:  # after the queries: their logits are the first n
             p_ids, p_index, has = self.pending
@@ -187,11 +184,7 @@ class RecomputeBatch:
         doc = torch.full_like(ids, REAL_DOC)
         if present is not None:  # absent queries are padding: no real token sees them
             doc = torch.where(present, doc, PAD_DOC)
-        flags = (
-            clean
-            if isinstance(clean, torch.Tensor)
-            else torch.full_like(ids, clean, dtype=torch.bool)
-        )
+        flags = _flags(ids, clean)
         keys = Tokens(ctx_index, torch.ones_like(ctx_ids, dtype=torch.bool), ctx_doc).cat(
             Tokens(index, flags, doc)
         )
@@ -203,6 +196,13 @@ class RecomputeBatch:
 
     def select(self, rows: torch.Tensor) -> None:
         self.context = tuple(x[rows] for x in self.context)
+
+
+def _flags(ids: torch.Tensor, clean: bool | torch.Tensor) -> torch.Tensor:
+    """Per-position clean flags [R, n] of queries that are all clean, all noisy, or as given."""
+    return (
+        clean if isinstance(clean, torch.Tensor) else torch.full_like(ids, clean, dtype=torch.bool)
+    )
 
 
 def _pad_left(x: torch.Tensor, width: int, fill: int) -> torch.Tensor:

@@ -15,7 +15,9 @@ a window of two blocks: a block moves on once its masks are gone, and while the 
 decodes it rides along every forward as clean queries (its keys and values rewritten each time,
 so the cache stays exact however it changes; a clean block with no mask sees what the noisy
 copy training edits does), edited where the model is sure; it is final once a forward leaves
-it as it was. Its check costs no forward of its own, except in the block an answer ends in.
+it as it was (greedy: the same logits give the same candidates; sampled candidates are drawn
+anew every forward). Its check costs no forward of its own, except in the block an answer
+ends in.
 A block reaches the output only when it is final, so nothing streamed is ever taken back.
 """
 
@@ -252,6 +254,9 @@ class BlockRun(Run):
             if any_edit:  # sure it is wrong: replace it, in rows still deciding
                 edit = decided & (candidates != self.window)
                 edit &= (confidence > edit_thresholds[:, None]) & (editing & running)[:, None]
+                if any_in_order:  # no EOS written by an edit while a mask before it is open
+                    early = (candidates == d.eos) & (open_.cumsum(-1) > 0)
+                    edit &= ~(in_order[:, None] & early)
                 accept |= edit
                 edits += edit.sum(-1)
                 post += running & ~masks_left
@@ -267,8 +272,8 @@ class BlockRun(Run):
         keep = [w for w, r in enumerate(self.requests) if not r.out.done]
         self._keep(keep)
         if self.requests:
-            if final:
-                batch.commit(self.window[:, :B], index[keep, :B], self.has_prev)
+            if final:  # (a row with no previous block commits nothing: its positions < 0)
+                batch.commit(self.window[:, :B], index[keep, :B].clamp(min=0), self.has_prev)
                 self.window = torch.cat(
                     [self.window[:, B:], torch.full_like(self.window[:, B:], d.mask)], 1
                 )

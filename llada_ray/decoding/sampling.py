@@ -30,7 +30,8 @@ class Sampling:
     # Token editing (LLaDA2.1, block decoding): τ_edit, or None for none. Each forward also
     # replaces every decided answer token of the block whose prediction differs from it with
     # probability above τ_edit; a block is final once an edit-only forward (no mask left)
-    # changes nothing, or after `max_post_edit_steps` of them.
+    # changes nothing, or after `max_post_edit_steps` of them (with multi-block editing, once
+    # a forward of the next block leaves it as it was; see decoding/block.py).
     edit_threshold: float | None = None
     max_post_edit_steps: int = 16
 
@@ -68,8 +69,9 @@ class Generation:
     # their left): work that never reached the output, a whole forward where nothing else was
     # decided in it.
     discarded: int = 0
-    # Token editing: decided tokens replaced by a later forward, and per block (in order) the
-    # edit-only forwards it took after its last mask (the confirming one included).
+    # Token editing: decided tokens replaced by a later forward, and per step (a block's masks
+    # decoded; with multi-block editing the previous block checked along) the edit-only
+    # forwards it took after the last mask (the confirming one included).
     edits: int = 0
     post_edit_forwards: list[int] = field(default_factory=list)
 

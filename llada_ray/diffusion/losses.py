@@ -18,14 +18,18 @@ Weighting = Literal["inv_t", "uniform"]
 Normalization = Literal["maskable", "masked"]
 
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy at every position, [batch, L], computed in fp32."""
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), reduction="none"
+    ).view_as(targets)
+
+
 def masked_token_nll(
     logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor
 ) -> torch.Tensor:
     """Cross-entropy at masked positions, 0 elsewhere; [batch, L], computed in fp32."""
-    nll = F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), reduction="none"
-    ).view_as(targets)
-    return nll * masked
+    return token_nll(logits, targets) * masked
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ def elbo_loss(
     maskable: torch.Tensor | None = None,
     weighting: Weighting = "inv_t",
     normalization: Normalization = "maskable",
+    nll: torch.Tensor | None = None,
 ) -> ElboLoss:
     """Negative ELBO, L = E_t E_xt [ w(t) * sum_i 1[xt_i = MASK] * CE_i ].
 
@@ -54,9 +59,11 @@ def elbo_loss(
         over rows. With w = 1/t this is an unbiased estimate of the NLL bound per token (original
         LLaDA: sequence length in pre-training, answer length in SFT).
       "masked": the batch's weighted sum divided by the batch's number of masked tokens (dFactory).
+    `nll`: `token_nll(logits, targets)` when the caller has it already (token editing).
     """
     weights = 1.0 / t if weighting == "inv_t" else torch.ones_like(t)
-    per_sequence = masked_token_nll(logits, targets, masked).sum(-1) * weights
+    nll = token_nll(logits, targets) if nll is None else nll
+    per_sequence = (nll * masked).sum(-1) * weights
     n_masked = masked.sum()
     if normalization == "maskable":
         if maskable is None:
@@ -89,14 +96,13 @@ class EditLoss:
     kept: torch.Tensor  # scalar: mean cross-entropy where the visible token is the original
 
 
-def editing_loss(
-    logits: torch.Tensor, targets: torch.Tensor, visible: torch.Tensor, substituted: torch.Tensor
-) -> EditLoss:
-    """The T2T stream: the original token at every visible (unmasked) position of the noised
-    input, replaced or not. Supervising only the replaced ones would reward never predicting the
-    token in the input, which a decoder then "edits" everywhere; the kept positions teach it to
-    leave a right token alone. The model cannot tell which is which but from context."""
-    nll = masked_token_nll(logits, targets, visible)
+def editing_loss(nll: torch.Tensor, visible: torch.Tensor, substituted: torch.Tensor) -> EditLoss:
+    """The T2T stream from `token_nll` [batch, L] (the original tokens as targets): the
+    original token at every visible (unmasked) position of the noised input, replaced or not.
+    Supervising only the replaced ones would reward never predicting the token in the input,
+    which a decoder then "edits" everywhere; the kept positions teach it to leave a right token
+    alone. The model cannot tell which is which but from context."""
+    nll = nll * visible
     kept = visible & ~substituted
     return EditLoss(
         nll.sum() / visible.sum().clamp(min=1),

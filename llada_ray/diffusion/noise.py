@@ -88,6 +88,9 @@ class Substituted:
     substituted: torch.Tensor
 
 
+SUBSTITUTION_TRIES = 4  # in-sequence draws per position before it is left as it is
+
+
 def substitute(
     xt: torch.Tensor,
     visible: torch.Tensor,
@@ -95,28 +98,50 @@ def substitute(
     vocab_size: int,
     mask_id: int,
     generator: torch.Generator | None = None,
-    source: torch.Tensor | None = None,
+    reach: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Substituted:
     """LLaDA2.1's T2T corruption: each `visible` token of xt [batch, L] becomes, with
     probability `rate`, a random token (a draw equal to the token it replaces changes nothing
     and is not counted).
 
-    The draw is uniform over the vocabulary other than the mask token, or with `source`
-    [batch, L] (bool) the token at a uniformly drawn `source` position of the same row of xt:
-    a token that belongs in the text, the kind of mistake a decoder makes (a digit out of
-    place, an early EOS), where a random one from the whole vocabulary is mostly out of place
-    on its face and teaches little more than to spot it."""
+    The draw is uniform over the vocabulary other than the mask token, or with `reach`
+    (first, end) [batch, L] a token of xt itself at a uniformly drawn position in [first, end)
+    that is not a mask (a few tries; a position whose tries all hit masks is left): a token
+    that belongs in the text, the kind of mistake a decoder makes (a digit out of place, an
+    early EOS), where a random one from the whole vocabulary is mostly out of place on its
+    face and teaches little more than to spot it. `reach_of` gives each position the range its
+    own block can see, so no substitution shows a block a token it could not see anyway."""
     draw = torch.rand(xt.shape, generator=generator, device=xt.device)
-    if source is None:
+    if reach is None:
         pick = torch.randint(vocab_size - 1, xt.shape, generator=generator, device=xt.device)
         random_tokens = pick + (pick >= mask_id).long()  # skips the mask id
     else:
-        weights = source.float()
-        weights[weights.sum(-1) == 0] = 1.0  # a row with no source has nothing visible either
-        at = torch.multinomial(weights, xt.shape[1], replacement=True, generator=generator)
-        random_tokens = xt.gather(1, at)
+        first, end = reach
+        shape = (SUBSTITUTION_TRIES, *xt.shape)
+        u = torch.rand(shape, generator=generator, device=xt.device)
+        at = (first + (u * (end - first)).long()).clamp(max=xt.shape[1] - 1)
+        tries = torch.stack([xt.gather(1, a) for a in at])  # [tries, batch, L]
+        token = tries != mask_id
+        pick = token.int().argmax(0, keepdim=True)  # the first try that found a token
+        random_tokens = tries.gather(0, pick)[0]
+        visible = visible & token.any(0)
     substituted = (draw < rate) & visible & (random_tokens != xt)
     return Substituted(torch.where(substituted, random_tokens, xt), substituted)
+
+
+def reach_of(doc_ids: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, end) [batch, L]: each position's document up to its block's end, the tokens its
+    block sees in block-diffusion training (earlier blocks through the clean half, which holds
+    every one of them, and its own block as it is)."""
+    L = doc_ids.shape[1]
+    position = torch.arange(L, device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, position, 0).cummax(-1).values
+    last = torch.ones_like(starts)
+    last[:, :-1] = starts[:, 1:]
+    doc_end = torch.where(last, position + 1, L).flip(-1).cummin(-1).values.flip(-1)
+    return first, torch.minimum(doc_end, (position // block_size + 1) * block_size)
 
 
 def embedding_noise_std(step: int, steps: int, base_std: float) -> float:

@@ -38,7 +38,7 @@ def _settings(cfg: PipelineConfig, unit: Unit) -> dict:
     worker count does (it sets the global batch and the sample order), and so does the editing
     stream where it trains (only there: the hashes of runs without it stay what they were)."""
     editing = cfg.edits(unit.stage.stage)
-    extra = {"editing": editing.model_dump(mode="json")} if editing else {}
+    extra = {"editing": editing.model_dump(mode="json", exclude={"stages"})} if editing else {}
     return extra | {
         "run": unit.name,
         "objective": unit.objective,

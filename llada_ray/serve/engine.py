@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
-from llada_ray.config import LLADA2_BLOCK_SIZE, DecodeMode, ServeConfig
+from llada_ray.config import LLADA2_BLOCK_SIZE, ServeConfig, decode_mode
 from llada_ray.data.chat import prompt_ids
 from llada_ray.decoding import ARDecoder, BlockDecoder, Decoder, EngineOptions, Sampling
 from llada_ray.decoding.batch import ContextLimit, Request
@@ -197,12 +197,13 @@ class TextEngine:
 
         Thresholds: the request's `mode` (else the server's) gives τ_mask, τ_edit and the
         post-edit cap, and `threshold`, `edit_threshold`, `max_post_edit_steps` override each;
-        with no mode, `threshold` or the server's and no editing unless `edit_threshold`."""
+        with no mode (or "none"), `threshold` or the server's, no editing unless
+        `edit_threshold`."""
         cfg = self.cfg
-        mode = mode or cfg.mode
-        if mode is not None and mode not in cfg.modes:
-            raise RequestError(f"mode {mode!r} is not one of {sorted(cfg.modes)}", "mode")
-        preset = cfg.modes[mode] if mode else DecodeMode(threshold=cfg.threshold)
+        try:
+            preset = decode_mode(cfg.modes, mode or cfg.mode, cfg.threshold)
+        except ValueError as err:
+            raise RequestError(str(err), "mode") from err
         given = {"threshold": threshold, "edit_threshold": edit_threshold,
                  "max_post_edit_steps": max_post_edit_steps}  # fmt: skip
         thresholds = preset.model_dump() | {k: v for k, v in given.items() if v is not None}

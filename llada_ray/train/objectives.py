@@ -22,18 +22,21 @@ from llada_ray.config import (
     SftStage,
 )
 from llada_ray.diffusion.losses import (
+    ElboLoss,
     cap_confidence_loss,
     dpo_elbo_loss,
     editing_loss,
     elbo_loss,
     masked_token_nll,
     sequence_elbo,
+    token_nll,
 )
 from llada_ray.diffusion.masks import position_ids_for
 from llada_ray.diffusion.noise import (
     Substituted,
     complementary_pairs,
     forward_mask,
+    reach_of,
     sample_mask_rates,
     substitute,
 )
@@ -60,32 +63,32 @@ class Editing:
     mask_id: int
 
     def corrupt(
-        self, xt: torch.Tensor, masked: torch.Tensor, maskable: torch.Tensor, gen: torch.Generator
-    ) -> Substituted:
+        self, xt: torch.Tensor, visible: torch.Tensor, doc: torch.Tensor, block_size: int,
+        gen: torch.Generator,
+    ) -> Substituted:  # fmt: skip
         """The masked stream's input with a share of its visible maskable tokens replaced."""
-        visible = maskable & ~masked
+        reach = reach_of(doc, block_size) if self.config.substitution == "in_sequence" else None
         rate = self.config.substitution_rate
-        source = maskable & ~masked if self.config.substitution == "in_sequence" else None
-        return substitute(xt, visible, rate, self.vocab_size, self.mask_id, gen, source)
+        return substitute(xt, visible, rate, self.vocab_size, self.mask_id, gen, reach)
 
-    def add_loss(
+    def term(
         self,
-        m2t: torch.Tensor,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
+        m2t: ElboLoss,
+        nll: torch.Tensor,
         visible: torch.Tensor,
         edited: Substituted,
         metrics: dict[str, float],
     ) -> torch.Tensor:
-        """M2T + weight · T2T, each stream reported on its own."""
-        t2t = editing_loss(logits, targets, visible, edited.substituted)
+        """weight · T2T, to add to the loss; records each stream's loss on its own."""
+        t2t = editing_loss(nll, visible, edited.substituted)
         metrics |= {
-            "m2t_loss": m2t.item(),
+            "m2t_loss": m2t.loss.item(),
             "t2t_loss": t2t.loss.item(),
             "t2t_substituted_loss": t2t.substituted.item(),
+            "t2t_kept_loss": t2t.kept.item(),
             "substituted_ratio": (edited.substituted.sum() / visible.sum().clamp(min=1)).item(),
         }
-        return m2t + self.config.loss_weight * t2t.loss
+        return self.config.loss_weight * t2t.loss
 
 
 def ar_loss(
@@ -147,9 +150,9 @@ def cpt_loss(
         len(x0), t_min=stage.t_min, antithetic=stage.antithetic, generator=gen, device=x0.device
     )
     noised = forward_mask(x0, t, maskable, mask_id, gen)
-    xt = noised.xt
+    xt, visible = noised.xt, maskable & ~noised.masked
     if editing is not None:  # config refuses editing with shift_labels
-        edited = editing.corrupt(xt, noised.masked, maskable, gen)
+        edited = editing.corrupt(xt, visible, doc, block_size, gen)
         xt = edited.xt
     positions = position_ids_for(doc, restart_positions)
     if block_size == x0.shape[1]:
@@ -161,11 +164,13 @@ def cpt_loss(
     if stage.shift_labels:
         logits, targets = logits[:, :-1], x0[:, 1:]
         masked, maskable = masked[:, 1:], maskable[:, 1:]
-    elbo = elbo_loss(logits, targets, masked, t, maskable=maskable, weighting=stage.weighting)
+    nll = token_nll(logits, targets)
+    elbo = elbo_loss(logits, targets, masked, t, maskable=maskable, weighting=stage.weighting,
+                     nll=nll)  # fmt: skip
     metrics = {"masked_ratio": (masked.sum() / maskable.sum().clamp(min=1)).item()}
     loss = elbo.loss
     if editing is not None:
-        loss = editing.add_loss(loss, logits, targets, maskable & ~masked, edited, metrics)
+        loss = loss + editing.term(elbo, nll, visible, edited, metrics)
     metrics["loss"] = loss.item()
     return StepLoss(loss, metrics, batch.tokens)
 
@@ -192,12 +197,13 @@ def sft_loss(
         x0, doc, maskable = (x.repeat_interleave(2, 0) for x in (x0, doc, maskable))
     else:
         noised = forward_mask(x0, t, maskable, mask_id, gen)
-    xt = noised.xt
+    xt, visible = noised.xt, maskable & ~noised.masked
     if editing is not None:
-        edited = editing.corrupt(xt, noised.masked, maskable, gen)
+        edited = editing.corrupt(xt, visible, doc, stage.block_size, gen)
         xt = edited.xt
     positions = position_ids_for(doc, True)
     logits = model(**block_diffusion_inputs(xt, x0, doc, positions, stage.block_size))
+    nll = token_nll(logits, x0)
     elbo = elbo_loss(
         logits,
         x0,
@@ -206,6 +212,7 @@ def sft_loss(
         maskable=maskable,
         weighting=stage.weighting,
         normalization=stage.normalization,
+        nll=nll,
     )
     loss = elbo.loss
     metrics = {
@@ -217,8 +224,7 @@ def sft_loss(
         loss = loss + stage.cap_lambda * entropy
         metrics["cap_entropy"] = entropy.item()
     if editing is not None:
-        visible = maskable & ~noised.masked
-        loss = editing.add_loss(loss, logits, x0, visible, edited, metrics)
+        loss = loss + editing.term(elbo, nll, visible, edited, metrics)
     metrics["loss"] = loss.item()
     return StepLoss(loss, metrics, batch.tokens)
 
