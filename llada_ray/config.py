@@ -401,9 +401,11 @@ class DecodingConfig(Strict):
 
 class DecodeMode(Strict):
     """Joint-threshold decoding (LLaDA2.1): unmask every masked position above `threshold`
-    (τ_mask); with `edit_threshold` (τ_edit) set, also replace every decoded answer token of the
+    (τ_mask); with `edit_threshold` (τ_edit) set, also replace every decided answer token of the
     block whose prediction differs from it with probability above τ_edit, then edit-only
-    forwards after a block's last mask until nothing changes or `max_post_edit_steps`."""
+    forwards after a block's last mask until nothing changes or `max_post_edit_steps` (with
+    multi-block editing only in the block an answer ends in: the next block's forwards check
+    the others)."""
 
     threshold: Rate
     edit_threshold: Rate | None = None

@@ -263,7 +263,9 @@ class TextEngine:
         end = max(end, p.sent)
         delta, p.sent = text[p.sent : end], end
         p.updates += 1
-        repeated, trigrams = repeated_ngrams(g.tokens[:tokens], 3, self.tokenizer.eos_token_id)
+        # The answer's repetition, once it is whole (/stats and the `decoding` object).
+        eos = self.tokenizer.eos_token_id
+        repeated, trigrams = repeated_ngrams(g.tokens[:tokens], 3, eos) if g.done else (0, 0)
         return Update(
             delta,
             g.finish_reason,
