@@ -284,7 +284,7 @@ class BlockRun(Run):
             self.block_start = self.block_start + B
 
     def _record(self, w: int, edits: int, post: int) -> None:
-        """A block of row w is decided: its edits and edit-only forwards."""
+        """Row w's step is done: its edits and edit-only forwards (token editing)."""
         out = self.requests[w].out
         if self.requests[w].sampling.edits:
             out.edits += edits
