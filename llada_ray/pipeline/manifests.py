@@ -31,8 +31,11 @@ def read_all(fs: pafs.FileSystem, run_root: str) -> dict[str, dict]:
             try:
                 with fs.open_input_stream(info.path) as f:
                     manifest = json.loads(f.read())
-            except FileNotFoundError:  # deleted since listed (a --force-from run is forgetting)
-                continue
+            except OSError:  # deleted since listed (a --force-from run is forgetting)?
+                # S3 says so only as the read's GetObject fails, after the open succeeded.
+                if fs.get_file_info(info.path).type == pafs.FileType.NotFound:
+                    continue
+                raise
             out[manifest["stage"]] = manifest
     return out
 
