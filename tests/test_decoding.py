@@ -245,7 +245,8 @@ def test_mixed_requests_in_one_batch_decode_as_alone(dlm, tiny_tokenizer, prompt
         ]
         assert [g.tokens for g in batched] == [g.tokens for g in alone]
         assert [g.forwards for g in batched] == [g.forwards for g in alone]
-        assert len(batched[0].tokens) <= 5
+        # The short request left the batch early: it took part in fewer forwards than the rest.
+        assert batched[0].forwards < min(g.forwards for g in batched[1:])
 
 
 def test_ar_decoder_equals_hf_generate(tiny_tokenizer):
@@ -283,7 +284,10 @@ def test_stop_check_and_context_limit(dlm, tiny_tokenizer):
     out = decoder.generate(prompts, Sampling(threshold=0.5, max_new_tokens=40),
                            stop=lambda r, tokens: r == 1 and len(tokens) >= 8)  # fmt: skip
     assert out[1].finish_reason == "stop" and 8 <= len(out[1].tokens) < 8 + B
-    assert out[0].finish_reason in ("length", "stop")
+    # The other request knows nothing of the stop check: its budget or its EOS ends it.
+    ended = eos in out[0].tokens
+    assert out[0].finish_reason == ("stop" if ended else "length")
+    assert ended or len(out[0].tokens) == 40
     limit = dlm.hf.config.max_position_embeddings
     with pytest.raises(ValueError, match="context"):
         decoder.generate([[5] * (limit - 4)], Sampling(max_new_tokens=8))

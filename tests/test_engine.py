@@ -167,22 +167,28 @@ def test_a_cancelled_request_leaves_at_the_next_step(dlm, tiny_tokenizer):
 
 
 def test_the_prefix_cache_restores_shared_pages_exactly_and_stays_in_its_bound(dlm):
-    """Prompts sharing 16 tokens (two 8-token pages): the second restores them from the cache,
-    and its next step's logits are the reference's; a cache of 3 pages evicts the least recently
-    used, deepest pages first."""
+    """Prompts sharing 16 tokens (two 8-token pages): the second restores them from the cache
+    into another row than the first's, over other data, and its next step's logits are the
+    reference's (a restore that wrote nothing, or into the wrong row, changes them); a cache of
+    3 pages evicts the least recently used, deepest pages first."""
     page_bytes = 2 * 2 * 2 * 8 * 16 * 4  # K and V × layers × kv heads × page × head dim × fp32
     options = EngineOptions(4, MAX_LENGTH, "off", prefix_cache_mb=3 * page_bytes / 2**20, page=8)
     engine = StaticEngine(dlm, MAX_LENGTH, options)
     assert engine.prefix.stats.capacity_pages == 3
     shared = _prompts((16,), seed=7)[0]
     first, second = shared + _prompts((8,), 8)[0], shared + _prompts((4,), 9)[0]
-    CachedBatch(engine).add([first], B)  # stores its 3 pages
-    blocks = torch.randint(5, 200, (1, B), generator=torch.Generator().manual_seed(2))
+    other = _prompts((3,), seed=11)[0]  # shares nothing: row 0 of the next batch
+    CachedBatch(engine).add([first], B)  # stores its 3 pages, from row 0
+    noise = torch.Generator().manual_seed(4)
+    for x in (*engine.cache.keys, *engine.cache.values):  # every row holds other data now
+        x.copy_(torch.randn(x.shape, generator=noise))
+    blocks = torch.randint(5, 200, (2, B), generator=torch.Generator().manual_seed(2))
+    index = torch.stack([len(p) // B * B + torch.arange(B) for p in (other, second)])
     logits = []
-    for batch, restored in ((CachedBatch(engine), 16), (RecomputeBatch(dlm, 4), 0)):
-        assert batch.add([second], B) == [restored]
-        index = len(second) + torch.arange(B)[None]
-        logits.append(batch.forward(blocks, index, B, clean=False))
+    for batch, restored in ((CachedBatch(engine), [0, 16]), (RecomputeBatch(dlm, 4), [0, 0])):
+        prompts = [other[: len(other) // B * B], second[: len(second) // B * B]]
+        assert batch.add(prompts, B) == restored
+        logits.append(batch.forward(blocks, index, B, clean=False)[1])
     torch.testing.assert_close(logits[0], logits[1], atol=2e-5, rtol=1e-4)
     stats = engine.prefix.stats
     assert (stats.hit_tokens, stats.computed_tokens, stats.pages) == (16, 24 + 4, 3)
