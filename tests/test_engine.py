@@ -15,8 +15,9 @@ from llada_ray.decoding.engine import StaticEngine
 from llada_ray.model import DiffusionLM, build_tiny_model
 
 B = 4
-MAX_LENGTH = 32  # one length bucket: few graphs to compile
-OPTIONS = {mode: EngineOptions(4, MAX_LENGTH, mode) for mode in ("off", "on")}
+MAX_LENGTH = 32
+LENGTH_BUCKET = 16  # two length buckets, 16 and 32: compiled decodes cross from one to the other
+OPTIONS = {mode: EngineOptions(4, LENGTH_BUCKET, mode) for mode in ("off", "on")}
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +217,9 @@ def test_compiled_decoders_give_the_tokens_of_the_reference_and_never_recompile(
         reference = BlockDecoder(dlm, eos, B, use_cache=False).generate(prompts, sampling)
         out = cached.generate(prompts, sampling)
         assert [(g.tokens, g.forwards) for g in out] == [(g.tokens, g.forwards) for g in reference]
+        # A decode that starts in the 16-key bucket and ends in the 32-key one.
+        assert any(len(p) < LENGTH_BUCKET < len(p) + len(g.tokens)
+                   for p, g in zip(prompts, out, strict=True))  # fmt: skip
         if sampling.threshold < 0.5:  # the compiled steps accepted several tokens a forward
             assert max(g.tokens_per_forward for g in out) > 1.5
         alone = [cached.generate([p], sampling)[0].tokens for p in prompts]
