@@ -152,7 +152,7 @@ def main() -> None:
                 row = f"{name}_{mode_name}" + ("_mbe" if mbe else "")
                 run(row, TRAINED[name], describe(mode_name, mode, mbe), decoder, mode)
 
-    primary = "in_sequence"  # what `editing: {}` trains
+    primary = EditingConfig().substitution  # what `editing: {}` trains
     speed, quality = modes["speed"], modes["quality"]
     # Exactness on the trained model: the cache against the uncached path, every mode.
     same = total = 0

@@ -8,7 +8,7 @@ before anything is submitted. Errors name the field path, e.g. `stages.2.phases.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -313,6 +313,10 @@ class DpoStage(TrainingStage):
     max_len: PositiveInt = 512
 
 
+EditableStage = Literal["cpt", "sft", "cap"]
+EDITABLE_STAGES: tuple[str, ...] = get_args(EditableStage)
+
+
 class EditingConfig(Strict):
     """LLaDA2.1's token editing in training (RECIPE.md §7): beside the masked (M2T) stream, an
     editing (T2T) stream replaces a share of the visible answer tokens of the noised input with
@@ -329,7 +333,7 @@ class EditingConfig(Strict):
         "LLaDA2.1 report describes it); bench/editing.py measures both",
     )
     loss_weight: PositiveFloat = Field(1.0, description="the T2T stream's weight beside M2T's")
-    stages: list[Literal["cpt", "sft", "cap"]] | None = Field(
+    stages: list[EditableStage] | None = Field(
         None,
         min_length=1,
         description="the stages that train both streams; None: every one of "
@@ -561,7 +565,7 @@ class PipelineConfig(Strict):
             if missing := [k for k in named if k not in kinds]:
                 raise ValueError(f"editing.stages: {missing} not among the pipeline's stages")
             if not any(self.edits(k) for k in kinds):
-                raise ValueError("editing: the pipeline has none of the stages cpt, sft, cap")
+                raise ValueError(f"editing: the pipeline has none of the stages {EDITABLE_STAGES}")
             if shifted and self.edits("cpt"):
                 raise ValueError("editing: the T2T stream reads unshifted logits (no shift_labels)")
         return self
@@ -570,8 +574,7 @@ class PipelineConfig(Strict):
         """The editing settings if `stage` trains the T2T stream."""
         if self.editing is None:
             return None
-        named = self.editing.stages or ["cpt", "sft", "cap"]
-        return self.editing if stage in named else None
+        return self.editing if stage in (self.editing.stages or EDITABLE_STAGES) else None
 
     def anchored(self, base: Path) -> PipelineConfig:
         """Relative local storage and sqlite paths made absolute against `base`: a job runs in
